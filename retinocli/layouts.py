@@ -1,0 +1,517 @@
+"""Find a diabetic-retinopathy dataset on disk and turn it into one table of records.
+
+Every layout ends in the same :class:`Dataset`: a pandas table with one row per labelled
+(or unlabelled) image and the columns
+
+    image    the name the label file uses (the key within a split)
+    path     where the image is (or would be) on disk, absolute
+    found    whether that file exists
+    grade    0-4, or <NA> for unlabelled images (nullable Int64)
+    split    train, val or test
+    patient  patient id when the file name carries it (``10_left`` -> ``10``), else <NA>
+    eye      left or right when the file name carries it, else <NA>
+
+Plain Python and pandas; no torch. Layouts, auto-detected unless forced with ``layout=``:
+
+    course   header-less train_img.csv / train_label.csv (+ test_, val_), images in data/
+    kaggle   Kaggle 2015 EyePACS: trainLabels.csv (image,level) + train/ (+ testLabels.csv, test/)
+    aptos    APTOS 2019: train.csv (id_code,diagnosis) + train_images/ (+ test.csv, test_images/)
+    idrid    IDRiD 'B. Disease Grading' tree
+    folders  one subfolder per grade, optionally under train/ val/ test/
+    csv      any CSV: csv=FILE, image_col=, label_col= (images= for the folder)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retinocli import NUM_GRADES
+from retinocli.errors import RetinoError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+LAYOUTS = ("course", "kaggle", "aptos", "idrid", "folders", "csv")
+COLUMNS = ("image", "path", "found", "grade", "split", "patient", "eye")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+GRADE_FOLDER_NAMES = {"0": 0, "1": 1, "2": 2, "3": 3, "4": 4,
+                      "nodr": 0, "no": 0, "normal": 0, "none": 0,
+                      "mild": 1, "mildnpdr": 1,
+                      "moderate": 2, "moderatenpdr": 2,
+                      "severe": 3, "severenpdr": 3,
+                      "proliferative": 4, "proliferativedr": 4, "proliferatedr": 4, "pdr": 4}
+_PATIENT_EYE = re.compile(r"^(?P<patient>\d+)_(?P<eye>left|right)$", re.IGNORECASE)
+
+
+@dataclass
+class Dataset:
+    """A dataset found on disk: where, which layout, its records, and what was noticed."""
+
+    root: Path
+    layout: str
+    records: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def splits(self) -> list[str]:
+        order = {"train": 0, "val": 1, "test": 2}
+        return sorted(self.records["split"].unique(), key=lambda s: (order.get(s, 9), s))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def split_name(name: str) -> str | None:
+    """Canonical split for a folder or file prefix (``valid`` -> ``val``), else None."""
+    return SPLIT_ALIASES.get(name.strip().lower())
+
+
+def grade_from_folder(name: str) -> int | None:
+    """Grade a class folder stands for (``2``, ``Moderate``, ``No_DR``), else None."""
+    return GRADE_FOLDER_NAMES.get(re.sub(r"[^a-z0-9]", "", name.lower()))
+
+
+def parse_patient_eye(name: str) -> tuple[str | None, str | None]:
+    """``10_left`` -> (``10``, ``left``); names that carry neither give (None, None)."""
+    m = _PATIENT_EYE.match(Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name)
+    if not m:
+        return None, None
+    return m.group("patient"), m.group("eye").lower()
+
+
+def read_table(path: Path, *, header: bool = True) -> pd.DataFrame:
+    """Read a label CSV the way real ones arrive: BOM, padded headers, empty extra columns.
+
+    Every cell is a stripped string; columns with no name and no values are dropped.
+    """
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, header=0 if header else None, encoding="utf-8-sig",
+                         skip_blank_lines=True, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise RetinoError(f"{path}: not a readable CSV file ({str(exc).splitlines()[0]})") from None
+    if header:
+        df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
+    df = df.apply(lambda col: col.str.strip())
+    empty_cols = [c for c in df.columns if (not header or str(c).startswith("Unnamed:") or str(c) == "")
+                  and (df[c] == "").all()]
+    df = df.drop(columns=empty_cols)
+    df = df[(df != "").any(axis=1)] if len(df.columns) else df
+    return df.reset_index(drop=True)
+
+
+def parse_grades(values: Iterable[str], where: str, *, first_line: int,
+                 allow_missing: bool = False) -> list[int | None]:
+    """Turn label strings into grades 0-4; anything else is one clear error naming lines."""
+    grades: list[int | None] = []
+    bad: list[str] = []
+    missing: list[int] = []
+    for i, raw in enumerate(values):
+        line = first_line + i
+        text = str(raw).strip()
+        if text == "" or text.lower() in ("nan", "na", "none"):
+            if not allow_missing:
+                missing.append(line)
+            grades.append(None)
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if number != number or number != int(number) or not 0 <= number < NUM_GRADES:
+            bad.append(f"line {line}: {text!r}")
+            grades.append(None)
+            continue
+        grades.append(int(number))
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise RetinoError(f"{where}: {len(bad)} grade(s) are not 0-{NUM_GRADES - 1} "
+                          f"({', '.join(bad[:3])}{more})")
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        lines = ", ".join(str(n) for n in missing[:3])
+        raise RetinoError(f"{where}: {len(missing)} row(s) have no grade (line {lines}{more})")
+    return grades
+
+
+def _require_columns(df: pd.DataFrame, wanted: Iterable[str], where: Path) -> None:
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        found = ",".join(map(str, df.columns)) or "nothing"
+        raise RetinoError(f"{where}: expected columns {','.join(wanted)}; found {found}")
+
+
+def follow_link_file(path: Path, notes: list[str]) -> Path:
+    """Follow a symbolic link that arrived as a small text file holding its target.
+
+    Git on a system without symlink support, and many zip tools, check a link out as a
+    regular file whose content is the target path; the course layout's ``data`` link is
+    the usual victim.
+    """
+    if path.is_file() and path.stat().st_size < 1024:
+        try:
+            target = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return path
+        if target and "\n" not in target:
+            candidate = (path.parent / target).resolve()
+            if candidate.is_dir():
+                notes.append(f"{path.name} is a text file holding the link target {target!r}; "
+                             f"reading images from {candidate}")
+                return candidate
+    return path
+
+
+class ImageIndex:
+    """Files in one images folder, looked up by name with or without extension.
+
+    One directory listing serves every lookup, so 35,000 label rows cost one scan.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._by_name: dict[str, str] = {}
+        self._by_stem: dict[str, str] = {}
+        if folder is not None and folder.is_dir():
+            rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
+            with os.scandir(folder) as entries:
+                names = sorted(e.name for e in entries if e.is_file())
+            for name in names:
+                self._by_name[name] = name
+                stem, ext = os.path.splitext(name)
+                ext = ext.lower()
+                if ext in rank:
+                    best = self._by_stem.get(stem)
+                    if best is None or rank[ext] < rank[os.path.splitext(best)[1].lower()]:
+                        self._by_stem[stem] = name
+
+    def resolve(self, name: str) -> tuple[str, bool]:
+        """Absolute path for a label-file name and whether it exists.
+
+        Raises:
+            RetinoError: the name climbs out of the images folder (``../../etc/passwd``).
+        """
+        base = self.folder if self.folder is not None else Path(".")
+        if "/" in name or "\\" in name or name in ("..", "."):
+            rel = Path(name.replace("\\", "/"))
+            target = (base / rel).resolve()
+            if not target.is_relative_to(base.resolve()):
+                raise RetinoError(f"image name {name!r} points outside the images folder {base}")
+            if target.is_file():
+                return str(target), True
+            for ext in IMAGE_EXTENSIONS:
+                cand = target.with_name(target.name + ext)
+                if cand.is_file():
+                    return str(cand), True
+            return str(target), False
+        hit = self._by_name.get(name) or self._by_stem.get(name)
+        if hit is not None:
+            return str((base / hit).absolute()), True
+        return str((base / name).absolute()), False
+
+
+def _records(rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df["grade"] = df["grade"].astype("Int64")
+    df["found"] = df["found"].astype(bool)
+    for col in ("patient", "eye"):
+        df[col] = df[col].astype("string")
+    return df
+
+
+def _rows(names: Iterable[str], grades: Iterable[int | None], split: str, index: ImageIndex,
+          *, patients: bool = True) -> list[dict]:
+    rows = []
+    for name, grade in zip(names, grades):
+        path, found = index.resolve(name)
+        patient, eye = parse_patient_eye(name) if patients else (None, None)
+        rows.append({"image": name, "path": path, "found": found, "grade": grade,
+                     "split": split, "patient": patient, "eye": eye})
+    return rows
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def _detect_course(root: Path) -> bool:
+    return (root / "train_img.csv").is_file() or (root / "test_img.csv").is_file()
+
+
+def _load_course(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    folder = images if images is not None else follow_link_file(root / "data", notes)
+    if images is None and not folder.is_dir():
+        notes.append(f"no images folder at {root / 'data'}: counting every image as missing "
+                     "(point --images at the folder that holds them)")
+    index = ImageIndex(folder)
+    rows: list[dict] = []
+    for prefix in ("train", "val", "valid", "test"):
+        img_csv, label_csv = root / f"{prefix}_img.csv", root / f"{prefix}_label.csv"
+        if not img_csv.is_file() and not label_csv.is_file():
+            continue
+        if not (img_csv.is_file() and label_csv.is_file()):
+            have, lack = (img_csv, label_csv) if img_csv.is_file() else (label_csv, img_csv)
+            raise RetinoError(f"{have} has no partner: {lack.name} is missing")
+        names_df = read_table(img_csv, header=False)
+        labels_df = read_table(label_csv, header=False)
+        names = list(names_df.iloc[:, 0]) if len(names_df.columns) else []
+        labels = list(labels_df.iloc[:, 0]) if len(labels_df.columns) else []
+        first = 1
+        # The course files have no header; the course's own loader reads them with one and
+        # silently loses the first image. Only a non-numeric first label is a real header.
+        if labels and not re.fullmatch(r"-?\d+(\.0*)?", labels[0]):
+            notes.append(f"{label_csv.name} starts with a header row {labels[0]!r}; skipped it")
+            labels, names, first = labels[1:], names[1:], 2
+        if len(names) != len(labels):
+            raise RetinoError(f"{img_csv.name} lists {len(names)} images but {label_csv.name} "
+                              f"has {len(labels)} labels")
+        grades = parse_grades(labels, str(label_csv), first_line=first)
+        rows += _rows(names, grades, split_name(prefix) or prefix, index)
+    return rows
+
+
+def _detect_kaggle(root: Path) -> bool:
+    return (root / "trainLabels.csv").is_file() or (root / "testLabels.csv").is_file()
+
+
+def _load_labelled_csv(csv: Path, image_col: str, label_col: str | None, split: str,
+                       index: ImageIndex, *, patients: bool = True) -> list[dict]:
+    df = read_table(csv)
+    _require_columns(df, [image_col] + ([label_col] if label_col else []), csv)
+    names = list(df[image_col])
+    if label_col is None:
+        grades: list[int | None] = [None] * len(names)
+    else:
+        grades = parse_grades(df[label_col], str(csv), first_line=2)
+    return _rows(names, grades, split, index, patients=patients)
+
+
+def _load_kaggle(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    rows: list[dict] = []
+    for split in ("train", "test"):
+        csv = root / f"{split}Labels.csv"
+        if not csv.is_file():
+            continue
+        folder = root / split
+        if images is not None:
+            folder = images
+        elif not folder.is_dir():
+            folder = follow_link_file(folder, notes)
+            if not folder.is_dir():
+                notes.append(f"no images folder at {root / split}: counting its images as missing")
+        rows += _load_labelled_csv(csv, "image", "level", split, ImageIndex(folder))
+    return rows
+
+
+def _detect_aptos(root: Path) -> bool:
+    return (root / "train.csv").is_file() and (root / "train_images").is_dir()
+
+
+def _load_aptos(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    rows = _load_labelled_csv(root / "train.csv", "id_code", "diagnosis", "train",
+                              ImageIndex(images or root / "train_images"), patients=False)
+    for split in ("val", "valid", "test"):
+        csv = root / f"{split}.csv"
+        if csv.is_file():
+            df = read_table(csv)
+            label = "diagnosis" if "diagnosis" in df.columns else None
+            if label is None:
+                notes.append(f"{csv.name} has no diagnosis column: its images are unlabelled")
+            rows += _load_labelled_csv(csv, "id_code", label, split_name(split) or split,
+                                       ImageIndex(root / f"{split}_images"), patients=False)
+    return rows
+
+
+def _find_idrid(root: Path) -> Path | None:
+    """The 'B. Disease Grading' folder: root itself, or up to two levels below it."""
+    candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+    for depth_two in list(candidates[1:]):
+        candidates += [p for p in sorted(depth_two.iterdir()) if p.is_dir()]
+    for cand in candidates:
+        subs = {p.name.lower(): p for p in cand.iterdir() if p.is_dir()}
+        if any("original images" in s for s in subs) and any("groundtruth" in s for s in subs):
+            return cand
+    return None
+
+
+def _detect_idrid(root: Path) -> bool:
+    return _find_idrid(root) is not None
+
+
+def _load_idrid(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    base = _find_idrid(root)
+    if base is None:
+        raise RetinoError(f"{root}: no IDRiD 'B. Disease Grading' folder (with '1. Original Images' "
+                          "and '2. Groundtruths') found")
+    subs = {p.name.lower(): p for p in base.iterdir() if p.is_dir()}
+    originals = next(p for s, p in subs.items() if "original images" in s)
+    truths = next(p for s, p in subs.items() if "groundtruth" in s)
+    rows: list[dict] = []
+    for split, word in (("train", "training"), ("test", "testing")):
+        csvs = [p for p in truths.iterdir() if p.suffix.lower() == ".csv" and word in p.name.lower()]
+        folders = [p for p in originals.iterdir() if p.is_dir() and word in p.name.lower()]
+        if not csvs:
+            continue
+        df = read_table(csvs[0])
+        image_col = next((c for c in df.columns if c.lower().startswith("image")), "Image name")
+        label_col = next((c for c in df.columns if "retinopathy" in c.lower()), "Retinopathy grade")
+        folder = images if images is not None else (folders[0] if folders else None)
+        if folder is None:
+            notes.append(f"no '{word.title()} Set' images folder under {originals}: "
+                         "counting its images as missing")
+        # IDRiD numbers images, not patients, and restarts the numbers in the test set:
+        # the split is part of the key, and the name says nothing about the patient.
+        rows += _load_labelled_csv(csvs[0], image_col, label_col, split, ImageIndex(folder),
+                                   patients=False)
+    if not rows:
+        raise RetinoError(f"{truths}: no training or testing grade CSV found")
+    return rows
+
+
+def _grade_folders(folder: Path) -> dict[Path, int]:
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in sorted(folder.iterdir()):
+        grade = grade_from_folder(p.name) if p.is_dir() else None
+        if grade is not None:
+            out[p] = grade
+    return out
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            split = split_name(p.name) if p.is_dir() else None
+            if split and split not in out and _grade_folders(p):
+                out[split] = p
+    return out
+
+
+def _detect_folders(root: Path) -> bool:
+    return len(_grade_folders(root)) >= 2 or bool(_split_folders(root))
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def _load_folders(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    splits = _split_folders(root) or {"train": root}
+    rows: list[dict] = []
+    for split, folder in splits.items():
+        for grade_dir, grade in _grade_folders(folder).items():
+            for path in _walk_images(grade_dir):
+                patient, eye = parse_patient_eye(path.stem)
+                rows.append({"image": str(path.relative_to(folder)), "path": str(path.absolute()),
+                             "found": True, "grade": grade, "split": split,
+                             "patient": patient, "eye": eye})
+        ignored = [p.name for p in sorted(folder.iterdir())
+                   if p.is_dir() and grade_from_folder(p.name) is None]
+        if ignored:
+            notes.append(f"{folder}: ignored folders that name no grade: {', '.join(ignored[:5])}")
+    return rows
+
+
+DETECTORS: dict[str, Callable[[Path], bool]] = {
+    "course": _detect_course, "kaggle": _detect_kaggle, "aptos": _detect_aptos,
+    "idrid": _detect_idrid, "folders": _detect_folders,
+}
+LOADERS = {"course": _load_course, "kaggle": _load_kaggle, "aptos": _load_aptos,
+           "idrid": _load_idrid, "folders": _load_folders}
+LOOKED_FOR = ("course (train_img.csv + train_label.csv), kaggle (trainLabels.csv + train/), "
+              "aptos (train.csv + train_images/), idrid ('B. Disease Grading' tree), "
+              "folders (grade subfolders 0-4, optionally under train/ val/ test/)")
+
+
+def detect_layout(root: Path) -> str:
+    """Name the one layout ``root`` is in.
+
+    Raises:
+        RetinoError: no layout, or more than one, matches.
+    """
+    hits = [name for name, detect in DETECTORS.items() if detect(root)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+        raise RetinoError(f"{root}: no dataset layout recognised; looked for {LOOKED_FOR}; "
+                          f"found {shown or 'an empty folder'}")
+    raise RetinoError(f"{root}: ambiguous layout, it looks like {' and '.join(hits)}; "
+                      "choose one with --layout")
+
+
+def load_dataset(root: str | Path | None = None, *, layout: str | None = None,
+                 images: str | Path | None = None, csv: str | Path | None = None,
+                 image_col: str | None = None, label_col: str | None = None,
+                 split: str = "train") -> Dataset:
+    """Discover a dataset and return its records.
+
+    Args:
+        root: the dataset folder (for ``csv``, defaults to the CSV's folder).
+        layout: force one of :data:`LAYOUTS`; auto-detected when None.
+        images: the folder holding the images, when not where the layout expects it.
+        csv, image_col, label_col: the ``csv`` layout's label file and column names.
+        split: the split the ``csv`` layout's rows belong to.
+
+    Raises:
+        RetinoError: missing folder, unknown or ambiguous layout, bad label files, no images.
+    """
+    if csv is not None or layout == "csv":
+        return _load_csv_layout(root, csv, image_col, label_col, images, split)
+    if root is None:
+        raise RetinoError("no dataset folder given")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise RetinoError(f"no such folder: {root}")
+    if not root.is_dir():
+        raise RetinoError(f"{root} is a file, not a dataset folder (for a label CSV use --csv)")
+    if layout is not None and layout not in LAYOUTS:
+        raise RetinoError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    images_dir = Path(images).expanduser().absolute() if images is not None else None
+    if images_dir is not None and not images_dir.is_dir():
+        raise RetinoError(f"--images: no such folder: {images_dir}")
+    root = Path(os.path.abspath(root))
+    name = layout or detect_layout(root)
+    notes: list[str] = []
+    rows = LOADERS[name](root, images_dir, notes)
+    if not rows:
+        raise RetinoError(f"{root}: the {name} layout was found but lists no images")
+    return Dataset(root=root, layout=name, records=_records(rows), notes=notes)
+
+
+def _load_csv_layout(root, csv, image_col, label_col, images, split) -> Dataset:
+    if csv is None:
+        raise RetinoError("the csv layout needs --csv FILE")
+    csv = Path(csv).expanduser().absolute()
+    if not csv.is_file():
+        raise RetinoError(f"no such CSV file: {csv}")
+    if not image_col or not label_col:
+        raise RetinoError("--csv needs --image-col and --label-col naming its columns")
+    if split_name(split) is None:
+        raise RetinoError(f"unknown split {split!r}; use train, val or test")
+    folder = Path(images).expanduser().absolute() if images else Path(root or csv.parent).absolute()
+    if not folder.is_dir():
+        raise RetinoError(f"no such images folder: {folder}")
+    rows = _load_labelled_csv(csv, image_col, label_col, split_name(split), ImageIndex(folder))
+    if not rows:
+        raise RetinoError(f"{csv}: lists no images")
+    return Dataset(root=folder, layout="csv", records=_records(rows))

@@ -1,0 +1,28 @@
+"""Shared test helpers: tiny images written into tmp_path, and the real data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_image(path: Path, *, size: int = 32, seed: int = 0, fmt: str | None = None) -> Path:
+    """A small random RGB image; the format follows the extension unless ``fmt`` says."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real datasets in ../shared/data; tests that use them skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

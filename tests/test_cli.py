@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retinocli.cli import app
+from test_layouts import course_tree, write_lines
+from test_stats import leaky_dataset
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_stats_prints_balance_and_majority_bar(tmp_path):
+    result = run("stats", leaky_dataset(tmp_path / "lab"), "--full")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "layout: course" in out
+    assert "62.5%" in out  # train: 5 of 8 are grade 0, the bar to clear
+    assert "2 patient(s) have images in more than one split" in out
+    assert "empty file" in out
+
+
+def test_stats_json_and_plot(tmp_path):
+    plot = tmp_path / "balance.png"
+    result = run("stats", course_tree(tmp_path / "lab"), "--json", "--plot", plot)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["splits"]["train"]["counts"] == [1, 0, 1, 0, 2]
+    assert data["overall"]["images"] == 7
+    assert data["plot"] == str(plot) and plot.stat().st_size > 1000
+    # An existing file is never overwritten without --force.
+    again = run("stats", tmp_path / "lab", "--plot", plot)
+    assert again.exit_code == 2 and "already exists; pass --force" in again.output
+    assert run("stats", tmp_path / "lab", "--plot", plot, "--force").exit_code == 0
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, [], "no such folder"),
+    ("empty", [], "no dataset layout recognised"),
+    ("badgrade", [], "grade(s) are not 0-4"),
+    ("lengths", [], "lists 4 images but train_label.csv has 3 labels"),
+    ("badcols", [], "expected columns image,level"),
+    ("lab", ["--layout", "nonsense"], "unknown layout 'nonsense'"),
+    ("lab", ["--sample", "-1"], "--sample must be 0 or more"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, args, message):
+    root = tmp_path / "d"
+    if setup == "empty":
+        root.mkdir()
+    elif setup in ("badgrade", "lengths", "lab"):
+        course_tree(root)
+        if setup == "badgrade":
+            write_lines(root / "train_label.csv", ["0", "2", "5", "4"])
+        if setup == "lengths":
+            write_lines(root / "train_label.csv", ["0", "2", "4"])
+    elif setup == "badcols":
+        write_lines(root / "trainLabels.csv", ["img,grade", "1_left,0"])
+    result = run("stats", root, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3  # one line, soft-wrapped at most
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_help_and_stats_do_not_import_torch(tmp_path):
+    course_tree(tmp_path / "lab")
+    mods = _modules_after("from typer.testing import CliRunner\nfrom retinocli.cli import app\n"
+                          "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0")
+    assert "torch" not in mods and "pandas" not in mods
+    mods = _modules_after("from typer.testing import CliRunner\nfrom retinocli.cli import app\n"
+                          f"r = CliRunner().invoke(app, ['stats', {str(tmp_path / 'lab')!r}, '--plot', "
+                          f"{str(tmp_path / 'b.png')!r}]); assert r.exit_code == 0, r.output")
+    assert "torch" not in mods and "torchvision" not in mods
+    assert "pandas" in mods  # the command really ran
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).with_name("retino")
+    if not exe.exists():
+        pytest.skip("retino console script not installed in this environment")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "stats" in out.stdout
+
+
+def test_every_command_has_help_and_is_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        assert command.callback.__doc__, f"{name} has no help text"
+        assert f"retino {name}" in readme, f"README does not show retino {name}"
+        result = run(name, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "retinocli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "synth" in out.stdout
