@@ -130,6 +130,110 @@ def synth(
     console.print(f"Next: [bold]retino stats {out}[/]")
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset folder (any layout retino stats reads).")] = Path("data"),
+    layout: LayoutOpt = None,
+    images: ImagesOpt = None,
+    arch: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50, resnet101, resnet152, "
+                                           "resnext50_32x4d, resnext101_32x8d, wide_resnet50_2.")] = "resnet18",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained",
+                                             help="Start from ImageNet weights (DEFAULT unless --weights).")] = False,
+    weights: Annotated[Optional[str], typer.Option(
+        help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, or a .pth state dict; implies --pretrained.")] = None,
+    mode: Annotated[str, typer.Option(help="finetune (all layers), linear (frozen backbone), "
+                                           "two-stage (head first, then all).")] = "finetune",
+    head_epochs: Annotated[int, typer.Option(help="two-stage: epochs with the backbone frozen.")] = 1,
+    stem: Annotated[str, typer.Option(help="auto, imagenet, small (3x3 stride-1 stem for tiny images; "
+                                           "auto picks it at <= 32 px from scratch).")] = "auto",
+    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 512,
+    preprocess: Annotated[str, typer.Option(help="none, crop (to the fundus circle), graham "
+                                                 "(crop + Ben Graham's local-colour subtraction).")] = "none",
+    augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
+    val_fraction: Annotated[float, typer.Option(help="Share of training patients carved into validation "
+                                                     "when the dataset has no val split.")] = 0.1,
+    class_weights: Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")] = "none",
+    sampler: Annotated[str, typer.Option(help="uniform or balanced (every grade equally often).")] = "uniform",
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 from scratch, "
+                                                     "3e-4 pretrained).")] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norms).")] = 0.05,
+    scheduler: Annotated[str, typer.Option(help="cosine, step or none.")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU under torchrun).")] = 64,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, split and augmentation.")] = 0,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Bit-reproducible kernels.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default on CUDA: "
+                                                "bf16, or fp16 with a grad scaler).")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                          help="NHWC memory format (default on CUDA).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes (default min(8, cores)).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better "
+                                                         "--select-metric.")] = None,
+    select_metric: Annotated[str, typer.Option(help="What picks best.pt: qwk, accuracy, loss.")] = "qwk",
+    project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
+    name: Annotated[str, typer.Option(help="Run name; taken names get a number (train2, train3).")] = "train",
+    force: Annotated[bool, typer.Option("--force", help="Reuse runs/NAME even if it exists.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder where it stopped.")] = None,
+    list_archs: Annotated[bool, typer.Option("--list-archs", help="List architectures and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
+) -> None:
+    """Train a ResNet grader (pretrained or from scratch); writes runs/NAME with checkpoints and history."""
+    from retinocli.config import TrainConfig
+
+    with user_errors():
+        if list_archs:
+            _list_archs(json_out)
+            return
+        cfg = None
+        if resume is None:
+            cfg = TrainConfig(
+                data=str(data), layout=layout, images=str(images) if images else None, arch=arch,
+                pretrained=pretrained, weights=weights, mode=mode, head_epochs=head_epochs, stem=stem,
+                img_size=img_size, preprocess=preprocess, augment=augment, val_fraction=val_fraction,
+                class_weights=class_weights, sampler=sampler, optimizer=optimizer, lr=lr, momentum=momentum,
+                weight_decay=weight_decay, scheduler=scheduler, warmup_epochs=warmup_epochs, epochs=epochs,
+                batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
+                device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
+                patience=patience, select_metric=select_metric, project=project, name=name)
+            from retinocli.models import check_arch
+
+            check_arch(cfg.arch)
+        from retinocli.train import train as run_training
+
+        result = run_training(cfg, resume=resume, force=force, console=err_console if json_out else console)
+    from retinocli import display
+
+    if json_out:
+        sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
+                                     "best_epoch": result.best_epoch, "best": result.best_metrics,
+                                     "stopped": result.stopped, "history": result.history}, indent=2) + "\n")
+        return
+    display.render_training(result, console)
+
+
+def _list_archs(json_out: bool) -> None:
+    from retinocli.models import ARCHS, parameter_count, weight_names
+
+    rows = [{"arch": a, "parameters": parameter_count(a), "weights": weight_names(a)} for a in ARCHS]
+    if json_out:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="Architectures (with a 5-grade head)", title_justify="left")
+    for col, justify in (("arch", "left"), ("parameters", "right"), ("ImageNet weights", "left")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r["arch"], f"{r['parameters'] / 1e6:.1f} M", ", ".join(r["weights"]))
+    console.print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -98,3 +98,26 @@ def progress_bar(console: Console, unit: str = "img", *, transient: bool = False
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _RateColumn(unit), TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
                     TextColumn("{task.fields[postfix]}"), console=console, transient=transient)
+
+
+def render_training(result, console: Console) -> None:
+    """The summary after ``retino train``: last epochs, the best one, and what to run next."""
+    table = Table(title=f"{result.run_dir}: {result.epochs_done} epoch(s)", title_justify="left")
+    for col in ("epoch", "s", "img/s", "lr", "train loss", "train acc", "val loss", "val acc", "val QWK", "val bal acc"):
+        table.add_column(col, justify="right")
+    for row in result.history[-10:]:
+        best = row["epoch"] == result.best_epoch
+        table.add_row(str(row["epoch"]), f"{row['seconds']:.1f}", f"{row['images_per_second']:,.0f}",
+                      f"{row['lr']:.2e}", f"{row['train_loss']:.3f}", _pct(row["train_accuracy"]),
+                      f"{row['val_loss']:.3f}", _pct(row["val_accuracy"]), f"{row['val_qwk']:.3f}",
+                      _pct(row["val_balanced_accuracy"]), style="bold green" if best else "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    colour = "green" if result.stopped == "completed" else "yellow"
+    console.print(f"[{colour}]{result.stopped}[/]")
+    if result.best_epoch:
+        b = result.best_metrics
+        console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {_pct(b['accuracy'])}, "
+                      f"QWK {b['qwk']:.3f}, balanced accuracy {_pct(b['balanced_accuracy'])}")
+        console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")

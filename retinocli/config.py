@@ -1,0 +1,105 @@
+"""Settings of each command as dataclasses, with a JSON round trip. No torch here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from retinocli.errors import RetinoError
+
+CHOICES = {
+    "mode": ("finetune", "linear", "two-stage"),
+    "preprocess": ("none", "crop", "graham"),
+    "augment": ("none", "light", "strong"),
+    "class_weights": ("none", "balanced", "sqrt"),
+    "sampler": ("uniform", "balanced"),
+    "optimizer": ("sgd", "adamw"),
+    "scheduler": ("cosine", "step", "none"),
+    "select_metric": ("qwk", "accuracy", "loss"),
+    "stem": ("auto", "imagenet", "small"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``retino train``; stored in config.json and in each checkpoint."""
+
+    data: str = "data"
+    layout: str | None = None
+    images: str | None = None
+    arch: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None  # IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path.pth
+    mode: str = "finetune"
+    head_epochs: int = 1
+    stem: str = "auto"
+    img_size: int = 512
+    preprocess: str = "none"
+    augment: str = "light"
+    val_fraction: float = 0.1
+    class_weights: str = "none"
+    sampler: str = "uniform"
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: 1e-3 from scratch, 3e-4 for pretrained weights
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    step_size: int | None = None
+    epochs: int = 20
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False
+    workers: int | None = None  # None: min(8, cores)
+    patience: int | None = None
+    select_metric: str = "qwk"
+    project: str = "runs"
+    name: str = "train"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise RetinoError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
+        positive = {"img_size": 8, "epochs": 1, "batch_size": 1}
+        for key, least in positive.items():
+            if getattr(self, key) < least:
+                raise RetinoError(f"--{key.replace('_', '-')} must be at least {least}; got {getattr(self, key)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise RetinoError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        if self.lr is not None and self.lr <= 0:
+            raise RetinoError(f"--lr must be positive; got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise RetinoError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
+        if self.workers is not None and self.workers < 0:
+            raise RetinoError(f"--workers must be 0 or more; got {self.workers}")
+        if self.patience is not None and self.patience < 1:
+            raise RetinoError(f"--patience must be at least 1; got {self.patience}")
+        if self.mode == "two-stage" and not 0 < self.head_epochs < self.epochs:
+            raise RetinoError(f"--head-epochs must be between 1 and --epochs - 1 for two-stage; got {self.head_epochs}")
+        if self.weights is not None:
+            self.pretrained = True
+        if self.pretrained and self.weights is None:
+            self.weights = "DEFAULT"
+
+    @property
+    def learning_rate(self) -> float:
+        """The --lr given, or the default that works for scratch or pretrained training."""
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.pretrained else 1e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

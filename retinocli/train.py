@@ -1,0 +1,455 @@
+"""The training loop: data, model, optimiser, AMP, channels_last, DDP, checkpoints, history.
+
+Reads top to bottom: :func:`train` sets up and runs epochs of :func:`train_one_epoch` and
+:func:`evaluate`, writing ``runs/<name>/{config.json,split.csv,history.csv,best.pt,last.pt}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from retinocli import GRADE_NAMES, NUM_GRADES, __version__, metrics
+from retinocli.checkpoint import load_checkpoint, save_checkpoint
+from retinocli.config import TrainConfig
+from retinocli.data import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
+                            make_loader, sample_weights, training_split)
+from retinocli.errors import RetinoError
+from retinocli.models import create_model, freeze_backbone, set_train_mode, use_small_stem
+from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+HISTORY_FIELDS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                  "val_qwk", "val_balanced_accuracy", "images_per_second")
+LOG_EVERY = 10  # steps between progress updates: the only host-device syncs in an epoch
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end training early with a message (NaN loss)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_done: int
+    best_epoch: int | None
+    best_metrics: dict
+    history: list[dict]
+    stopped: str = "completed"
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA (this rank's GPU), then MPS, then CPU; anything named must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise RetinoError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RetinoError(f"--device {spec}: CUDA is not available on this machine")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise RetinoError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RetinoError("--device mps: MPS is not available on this machine")
+    return device
+
+
+def new_run_dir(project: str | Path, name: str, *, force: bool = False) -> Path:
+    """``runs/train``, then ``runs/train2``, ``runs/train3``: a run never overwrites another.
+
+    With ``force`` the named folder is reused as it is.
+    """
+    base = Path(project) / name
+    if force or not base.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    k = 2
+    while (candidate := Path(project) / f"{name}{k}").exists():
+        k += 1
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def versions(device: torch.device) -> dict:
+    import torchvision
+
+    out = {"retino": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step multiplier: linear warm-up, then cosine, step or constant."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    step_size = cfg.step_size or max(1, cfg.epochs // 3)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if cfg.scheduler == "step":
+            return 0.1 ** ((step // steps_per_epoch) // step_size)
+        return 1.0
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """No weight decay on biases and batch-norm parameters (they set scale, not capacity)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def preprocess_of(cfg: TrainConfig) -> Preprocess:
+    return Preprocess(size=cfg.img_size, mode=cfg.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ---------------------------------------------------------------------------- epochs
+
+
+def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+             channels_last: bool) -> torch.Tensor:
+    """uint8 NCHW on the host -> normalised float on the device: (x / 255 - mean) / std."""
+    x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, device, autocast,
+                    mean, std, channels_last, progress=None) -> dict:
+    """One pass over the training loader; returns loss, accuracy, images and seconds."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(loader, 1):
+        x = to_input(images, device, mean, std, channels_last)
+        y = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        valid = y != IGNORE
+        n = valid.sum()
+        loss_sum += loss.detach() * n
+        correct += ((logits.argmax(1) == y) & valid).sum()
+        seen += n
+        if step % LOG_EVERY == 0 or step == len(loader):
+            total_loss, total_seen = loss_sum.item(), max(1, seen.item())
+            if not math.isfinite(total_loss):
+                raise StopTraining(f"the training loss became {total_loss} at step {step}")
+            if progress:
+                progress(step, total_loss / total_seen, correct.item() / total_seen)
+    seconds = time.perf_counter() - start
+    n_seen = max(1, int(seen.item()))
+    return {"loss": loss_sum.item() / n_seen, "accuracy": correct.item() / n_seen,
+            "images": len(loader.sampler) if loader.sampler is not None else n_seen, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict_loader(model, loader, *, device, autocast, mean, std, channels_last) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, probabilities) over a loader, in the loader's order."""
+    model.eval()
+    targets, probs = [], []
+    for images, y in loader:
+        x = to_input(images, device, mean, std, channels_last)
+        with autocast():
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        targets.append(y)
+    if not probs:
+        return np.zeros(0, np.int64), np.zeros((0, NUM_GRADES), np.float32)
+    return torch.cat(targets).numpy(), torch.cat(probs).numpy()
+
+
+def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """Loss, accuracy, QWK and balanced accuracy over the readable images."""
+    keep = y != IGNORE
+    y, probs = y[keep], probs[keep]
+    if len(y) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "qwk": float("nan"), "balanced_accuracy": float("nan")}
+    pred = probs.argmax(1)
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return {"loss": loss, "accuracy": metrics.accuracy(y, pred), "qwk": metrics.quadratic_weighted_kappa(y, pred),
+            "balanced_accuracy": metrics.balanced_accuracy(y, pred)}
+
+
+def _better(metric: str, new: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    key = {"qwk": "qwk", "accuracy": "accuracy", "loss": "loss"}[metric]
+    a, b = new[key], best[key]
+    if not math.isfinite(a):
+        return False
+    if not math.isfinite(b):
+        return True
+    return a < b if metric == "loss" else a > b
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / ".history.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+    os.replace(tmp, run_dir / "history.csv")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, force: bool = False,
+          console=None, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train a grader; with ``resume`` continue the run in that folder where it stopped.
+
+    Args:
+        cfg: the settings (ignored when resuming: the run's own config is used).
+        resume: a run folder or its last.pt.
+        force: reuse ``runs/<name>`` even if it exists.
+        console: a rich console for progress and messages (None: silent).
+        on_epoch_end: called with (epoch, history row) after each epoch's checkpoint.
+    """
+    from rich.progress import Progress
+
+    from retinocli.display import progress_bar
+    from retinocli.layouts import load_dataset
+
+    rank, world, local_rank = _distributed()
+    state = None
+    if resume is not None:
+        resume = Path(resume)
+        ckpt_path = resume / "last.pt" if resume.is_dir() else resume
+        state = load_checkpoint(ckpt_path)
+        cfg = TrainConfig.from_dict(state["config"])
+        if state["epoch"] >= cfg.epochs:
+            raise RetinoError(f"{ckpt_path} already finished all {cfg.epochs} epochs")
+    assert cfg is not None
+    say = console.print if (console is not None and rank == 0) else (lambda *a, **k: None)
+
+    device = pick_device(cfg.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    amp_dtype = torch.bfloat16 if (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # Data
+    ds = load_dataset(cfg.data, layout=cfg.layout, images=cfg.images)
+    records, notes = training_split(ds.records, cfg.val_fraction, cfg.seed)
+    for note in ds.notes + notes:
+        say(f"[dim]note:[/] {note}")
+    prep = preprocess_of(cfg)
+    train_rec = records[records["split"] == "train"]
+    val_rec = records[records["split"] == "val"]
+    train_grades = train_rec["grade"].astype(int).tolist()
+    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, cfg.augment)
+    val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
+    workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
+    weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
+    train_sampler = EpochSampler(len(train_set), seed=cfg.seed, weights=weights, rank=rank, world=world)
+    val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world=world, pad=False)
+    pin = device.type == "cuda"
+    drop_last = len(train_sampler) > cfg.batch_size
+    train_loader = make_loader(train_set, train_sampler, batch_size=cfg.batch_size, workers=workers,
+                               pin_memory=pin, drop_last=drop_last)
+    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin)
+    if len(train_loader) == 0:
+        raise RetinoError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+
+    # Model
+    small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
+    model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    core = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    optimizer = build_optimizer(cfg, core)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+    weight = class_weights(train_grades, cfg.class_weights)
+    criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
+                                    label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
+
+    history: list[dict] = []
+    best: dict | None = None
+    best_epoch = None
+    start_epoch = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        history = list(state.get("history", []))
+        best, best_epoch = state.get("best_metrics"), state.get("best_epoch")
+        start_epoch = int(state["epoch"])
+        run_dir = ckpt_path.parent
+    else:
+        run_dir = new_run_dir(cfg.project, cfg.name, force=force) if rank == 0 else None
+        if world > 1:
+            box = [str(run_dir) if run_dir else None]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+    run_dir = Path(run_dir)
+
+    device_info = versions(device)
+    if rank == 0 and state is None:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small, "amp": amp,
+             "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
+             "channels_last": channels_last, "workers": workers, "world_size": world,
+             "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}}, indent=2))
+        records[["image", "path", "grade", "split", "patient", "eye"]].to_csv(run_dir / "split.csv", index=False)
+        test_rows = ds.records[ds.records["split"] == "test"]
+        if len(test_rows):
+            test_rows[["image", "path", "grade", "split", "patient", "eye"]].to_csv(
+                run_dir / "split.csv", mode="a", header=False, index=False)
+
+    say(f"Training [bold]{cfg.arch}[/] ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
+        f"{cfg.mode}) on {device_info.get('gpu', device)} | {len(train_set)} train / {len(val_set)} val images "
+        f"at {cfg.img_size}px | amp {'on (' + str(amp_dtype).removeprefix('torch.') + ')' if amp else 'off'}, "
+        f"channels_last {'on' if channels_last else 'off'} | -> {run_dir}")
+
+    def checkpoint(epoch: int, row_metrics: dict) -> dict:
+        return {
+            "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+            "class_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "small_stem": small,
+            "metrics": row_metrics, "best_metrics": best, "best_epoch": best_epoch, "history": history,
+            "rng": {"torch": torch.get_rng_state()}, "versions": device_info,
+        }
+
+    stopped = "completed"
+    epoch = start_epoch
+    bar_ctx = progress_bar(console, "img") if (console is not None and rank == 0) else nullcontext()
+    try:
+        with bar_ctx as bar:
+            for epoch in range(start_epoch, cfg.epochs):
+                frozen = cfg.mode == "linear" or (cfg.mode == "two-stage" and epoch < cfg.head_epochs)
+                freeze_backbone(core, frozen)
+                set_train_mode(core, backbone_frozen=frozen)
+                train_sampler.set_epoch(epoch)
+                task = None
+                if isinstance(bar, Progress):
+                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), postfix="")
+
+                def show(step, loss, acc, task=task):
+                    if task is not None:
+                        bar.update(task, completed=step, postfix=f"loss {loss:.3f} acc {acc:.1%}")
+
+                try:
+                    tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
+                                         device=device, autocast=autocast, mean=mean, std=std,
+                                         channels_last=channels_last, progress=show)
+                except torch.OutOfMemoryError:
+                    raise RetinoError(f"CUDA ran out of memory at --batch-size {cfg.batch_size} "
+                                      f"({cfg.arch}, {cfg.img_size}px); try --batch-size "
+                                      f"{max(1, cfg.batch_size // 2)}") from None
+                y, probs = predict_loader(model, val_loader, device=device, autocast=autocast, mean=mean,
+                                          std=std, channels_last=channels_last)
+                if world > 1:
+                    parts = [None] * world
+                    dist.all_gather_object(parts, (y, probs))
+                    y = np.concatenate([p[0] for p in parts])
+                    probs = np.concatenate([p[1] for p in parts])
+                val = validation_metrics(y, probs)
+                row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
+                       "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
+                       "train_accuracy": tr["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                       "val_qwk": val["qwk"], "val_balanced_accuracy": val["balanced_accuracy"],
+                       "images_per_second": round(tr["images"] * world / max(tr["seconds"], 1e-9), 1)}
+                history.append(row)
+                improved = _better(cfg.select_metric, val, best)
+                if improved:
+                    best, best_epoch = val, epoch + 1
+                if rank == 0:
+                    if improved:
+                        save_checkpoint(checkpoint(epoch + 1, val), run_dir / "best.pt")
+                    save_checkpoint(checkpoint(epoch + 1, val), run_dir / "last.pt")
+                    write_history(run_dir, history)
+                if task is not None:
+                    bar.update(task, postfix=(f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | val acc "
+                                              f"{val['accuracy']:.1%} qwk {val['qwk']:.3f}{' *' if improved else ''}"))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, row)
+                if cfg.patience and best_epoch is not None and epoch + 1 - best_epoch >= cfg.patience:
+                    stopped = f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs"
+                    break
+    except StopTraining as exc:
+        stopped = f"{exc}; stopped, last.pt and best.pt keep the last good epoch ({epoch})"
+    except KeyboardInterrupt:
+        stopped = (f"interrupted during epoch {epoch + 1}; last.pt holds epoch {len(history)}; "
+                   f"continue with: retino train --resume {run_dir}")
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    failures = train_set.failures + val_set.failures
+    result_notes = [f"{len(failures)} image(s) could not be read and were skipped, e.g. {failures[0][0]}: "
+                    f"{failures[0][1]}"] if failures else []
+    return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
+                     history=history, stopped=stopped, notes=result_notes)
