@@ -95,11 +95,12 @@ def new_run_dir(project: str | Path, name: str, *, force: bool = False) -> Path:
 def versions(device: torch.device) -> dict:
     import torchvision
 
-    out = {"retino": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    # str(): torch.__version__ is a TorchVersion, which the weights_only unpickler refuses
+    out = {"retino": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
            "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
-        out["cuda"] = torch.version.cuda
+        out["cuda"] = str(torch.version.cuda)
     return out
 
 
@@ -214,8 +215,10 @@ def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
         return {"loss": float("nan"), "accuracy": float("nan"), "qwk": float("nan"), "balanced_accuracy": float("nan")}
     pred = probs.argmax(1)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
-    return {"loss": loss, "accuracy": metrics.accuracy(y, pred), "qwk": metrics.quadratic_weighted_kappa(y, pred),
-            "balanced_accuracy": metrics.balanced_accuracy(y, pred)}
+    # plain floats: numpy scalars would not pass the weights_only unpickler
+    return {"loss": loss, "accuracy": float(metrics.accuracy(y, pred)),
+            "qwk": float(metrics.quadratic_weighted_kappa(y, pred)),
+            "balanced_accuracy": float(metrics.balanced_accuracy(y, pred))}
 
 
 def _better(metric: str, new: dict, best: dict | None) -> bool:
@@ -365,10 +368,6 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
              "channels_last": channels_last, "workers": workers, "world_size": world,
              "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}}, indent=2))
         records[["image", "path", "grade", "split", "patient", "eye"]].to_csv(run_dir / "split.csv", index=False)
-        test_rows = ds.records[ds.records["split"] == "test"]
-        if len(test_rows):
-            test_rows[["image", "path", "grade", "split", "patient", "eye"]].to_csv(
-                run_dir / "split.csv", mode="a", header=False, index=False)
 
     say(f"Training [bold]{cfg.arch}[/] ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
         f"{cfg.mode}) on {device_info.get('gpu', device)} | {len(train_set)} train / {len(val_set)} val images "

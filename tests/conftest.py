@@ -26,3 +26,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """The demo dataset, small: 300 images of 64 px, shared by every test that trains."""
+    from retinocli.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(out, n=300, size=64, seed=0)
+    return out
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty TORCH_HOME: the torchvision weight cache the tests fill themselves."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from retinocli.checkpoint import load_checkpoint, save_checkpoint
+from retinocli.cli import app
+from retinocli.config import TrainConfig
+from retinocli.errors import RetinoError
+from retinocli.train import HISTORY_FIELDS, new_run_dir, train
+from test_models import put_imagenet_weights
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg(data, tmp_path, **kw) -> TrainConfig:
+    base = dict(data=str(data), img_size=32, epochs=2, batch_size=16, workers=0, project=str(tmp_path / "runs"),
+                augment="none")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_beats_the_majority_baseline(synth_data, tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(synth_data), "--img-size", "48", "--epochs", "5",
+                                 "--batch-size", "16", "--workers", "0", "--project", str(tmp_path / "runs"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    run = Path(out["run_dir"])
+    assert run == tmp_path / "runs" / "train"
+    split = list(csv.DictReader(open(run / "split.csv")))
+    val = [r for r in split if r["split"] == "val"]
+    majority = max(sum(r["grade"] == str(g) for r in val) for g in range(5)) / len(val)
+    best = out["best"]
+    assert best["accuracy"] > majority + 0.05, (best, majority)
+    assert best["qwk"] > 0.5
+    # everything the run folder promises
+    config = json.loads((run / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["img_size"] == 48 and config["versions"]["torch"] == torch.__version__
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert list(rows[0]) == list(HISTORY_FIELDS) and len(rows) == 5
+    assert all(float(r["images_per_second"]) > 0 for r in rows)
+    assert {r["split"] for r in split} == {"train", "val", "test"}
+    assert len(split) == 300
+    # both eyes of each patient on one side of the train/val line
+    sides = {}
+    for r in split:
+        sides.setdefault(r["image"].split("_")[0], set()).add(r["split"])
+    assert all(len(s) == 1 for s in sides.values())
+    ckpt = load_checkpoint(run / "best.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "class_names", "preprocess", "metrics"):
+        assert key in ckpt
+    assert ckpt["preprocess"]["size"] == 48 and ckpt["class_names"][4] == "Proliferative"
+    assert ckpt["metrics"]["qwk"] == pytest.approx(best["qwk"])
+    assert load_checkpoint(run / "last.pt")["epoch"] == 5
+
+
+def test_resume_gives_the_same_weights(synth_data, tmp_path):
+    settings = dict(deterministic=True, augment="light", epochs=3, seed=7)
+    full = train(cfg(synth_data, tmp_path, name="full", **settings))
+
+    def interrupt(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cut = train(cfg(synth_data, tmp_path, name="cut", **settings), on_epoch_end=interrupt)
+    assert cut.stopped.startswith("interrupted") and cut.epochs_done == 1
+    assert load_checkpoint(cut.run_dir / "last.pt")["epoch"] == 1
+    resumed = train(resume=cut.run_dir)
+    assert resumed.run_dir == cut.run_dir and resumed.epochs_done == 3
+    a = load_checkpoint(full.run_dir / "last.pt")["model"]
+    b = load_checkpoint(cut.run_dir / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(csv.DictReader(open(cut.run_dir / "history.csv")))) == 3
+    with pytest.raises(RetinoError, match="already finished all 3 epochs"):
+        train(resume=cut.run_dir)
+
+
+def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home):
+    put_imagenet_weights("resnet18", "IMAGENET1K_V1", seed=11)
+    from retinocli.models import create_model
+
+    start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
+    result = train(cfg(synth_data, tmp_path, pretrained=True, mode="linear", img_size=40, augment="light"))
+    end = load_checkpoint(result.run_dir / "last.pt")["model"]
+    backbone = [k for k in start if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)  # weights and BN statistics
+    assert not torch.equal(start["fc.weight"], end["fc.weight"])
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["weights"] == "DEFAULT" and config["small_stem"] is False
+
+
+def test_two_stage_thaws_the_backbone(synth_data, tmp_path, torch_home):
+    put_imagenet_weights("resnet18", "IMAGENET1K_V1")
+    from retinocli.models import create_model
+
+    start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
+    result = train(cfg(synth_data, tmp_path, weights="IMAGENET1K_V1", mode="two-stage", head_epochs=1, epochs=2))
+    end = load_checkpoint(result.run_dir / "last.pt")["model"]
+    assert not torch.equal(start["layer1.0.conv1.weight"], end["layer1.0.conv1.weight"])
+
+
+def test_nan_loss_stops_cleanly(synth_data, tmp_path):
+    result = train(cfg(synth_data, tmp_path, lr=1e30, epochs=2))
+    assert "loss became nan" in result.stopped
+    assert not (result.run_dir / "last.pt").exists() or load_checkpoint(result.run_dir / "last.pt")
+
+
+def test_runs_auto_number(tmp_path):
+    assert new_run_dir(tmp_path, "train").name == "train"
+    assert new_run_dir(tmp_path, "train").name == "train2"
+    assert new_run_dir(tmp_path, "train").name == "train3"
+    assert new_run_dir(tmp_path, "train", force=True).name == "train"
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(), "config": {}}, evil)
+    with pytest.raises(RetinoError, match="refused or unreadable checkpoint"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    good = save_checkpoint({"model": {"w": torch.ones(2)}, "config": {"arch": "resnet18"}}, tmp_path / "ok.pt")
+    assert torch.equal(load_checkpoint(good)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "resnet19"], "unknown architecture 'resnet19'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--img-size", "-5"], "--img-size must be at least 8"),
+    (["--mode", "frozen"], "--mode must be one of finetune, linear, two-stage"),
+    (["--pretrained"], "put resnet18-f37072fd.pth"),
+    (["--device", "cuda:3"], "--device cuda:3"),
+    (["--data", "/nonexistent/data"], "no such folder"),
+])
+def test_bad_options(synth_data, tmp_path, torch_home, args, message):
+    base = ["train", "--data", str(synth_data), "--epochs", "1", "--img-size", "32", "--workers", "0",
+            "--project", str(tmp_path / "runs")]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_list_archs():
+    result = runner.invoke(app, ["train", "--list-archs", "--json"])
+    rows = json.loads(result.stdout)
+    assert [r["arch"] for r in rows][:2] == ["resnet18", "resnet34"]
+    assert rows[0]["parameters"] == 11_179_077
+
+
+def test_torchrun_two_processes_on_cpu(synth_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "retinocli", "train", "--data", str(synth_data), "--img-size", "32", "--epochs", "1",
+           "--batch-size", "16", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["train"]  # only rank 0 wrote
+    ckpt = load_checkpoint(runs[0] / "last.pt")
+    assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert json.loads((runs[0] / "config.json").read_text())["world_size"] == 2
