@@ -18,7 +18,8 @@ install-test: $(BIN)/python
 
 demo: install
 	$(BIN)/retino synth $(DEMO)/data --n 400 --size 128 --seed 0 --force
-	$(BIN)/retino stats $(DEMO)/data --plot reports/demo-balance.png --json $(DEMO)/stats.json
+	$(BIN)/retino stats $(DEMO)/data --plot reports/demo-balance.png --force
+	$(BIN)/retino train --data $(DEMO)/data --img-size 64 --epochs 8 --batch-size 32 --project $(DEMO)/runs
 
 test: install-test
 	$(BIN)/python -m pytest

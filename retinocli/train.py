@@ -273,6 +273,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
             raise RetinoError(f"{ckpt_path} already finished all {cfg.epochs} epochs")
     assert cfg is not None
     say = console.print if (console is not None and rank == 0) else (lambda *a, **k: None)
+    if state is not None:
+        say(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
 
     device = pick_device(cfg.device, local_rank)
     if world > 1 and not dist.is_initialized():
@@ -395,11 +397,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 train_sampler.set_epoch(epoch)
                 task = None
                 if isinstance(bar, Progress):
-                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(train_loader), postfix="")
+                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}",
+                                        total=len(train_loader) * cfg.batch_size, postfix="")
 
                 def show(step, loss, acc, task=task):
-                    if task is not None:
-                        bar.update(task, completed=step, postfix=f"loss {loss:.3f} acc {acc:.1%}")
+                    if task is not None:  # counted in images, so the rate reads img/s
+                        bar.update(task, completed=step * cfg.batch_size, postfix=f"loss {loss:.3f} acc {acc:.1%}")
 
                 try:
                     tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,

@@ -111,3 +111,18 @@ def test_every_command_has_help_and_is_in_readme():
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "retinocli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "synth" in out.stdout
+
+
+def test_synth_command(tmp_path):
+    out = tmp_path / "demo"
+    result = run("synth", out, "--n", "40", "--size", "32", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["patients"] == 20
+    assert sum(summary["splits"]["train"].values()) + sum(summary["splits"]["test"].values()) == 40
+    assert len(list((out / "train").glob("*.jpeg"))) == sum(summary["splits"]["train"].values())
+    again = run("synth", out, "--n", "40", "--size", "32")
+    assert again.exit_code == 2 and "--force" in again.output
+    assert run("synth", out, "--n", "7").exit_code == 2
+    stats = run("stats", out, "--json")
+    assert json.loads(stats.stdout)["layout"] == "kaggle"
