@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from retinocli import GRADE_NAMES, NUM_GRADES
+from retinocli.errors import RetinoError
 from retinocli.layouts import Dataset
 
 EXAMPLES = 10  # how many offending names a report lists; the counts are always complete
@@ -44,38 +45,31 @@ def grade_balance(grades) -> dict:
 
 
 def inspect_image(path: str, *, digest: bool = False) -> dict:
-    """Open one image fully and say what it is, or why it cannot be read.
+    """Say what one image is (format, mode, size, bytes), or why it cannot be read.
 
-    A full decode (in reduced-size draft mode for JPEGs, which still reads every byte) is
-    what finds truncated files; reading the header alone would not.
+    The decode check is :func:`retinocli.preprocess.load_image` itself (in reduced-size
+    draft mode, which still reads every byte, so truncated files show): a file stats calls
+    readable is one training and prediction can read.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from retinocli.preprocess import load_image
 
     info: dict = {"path": path}
     try:
-        size = os.path.getsize(path)
-        info["bytes"] = size
-        if size == 0:
-            return {**info, "error": "empty file"}
+        load_image(path, target=32)
+    except RetinoError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        return {**info, "error": reason}
+    try:
+        info["bytes"] = os.path.getsize(path)
         with Image.open(path) as img:
             info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
-            if img.format == "JPEG":
-                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
         if digest:
             with open(path, "rb") as fh:
                 info["sha1"] = hashlib.sha1(fh.read()).hexdigest()
-    except Image.DecompressionBombError:
-        return {**info, "error": "image too large (decompression bomb guard)"}
-    except UnidentifiedImageError:
-        return {**info, "error": "not an image PIL can identify"}
-    except PermissionError:
-        return {**info, "error": "permission denied"}
-    except OSError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return {**info, "error": reason}
-    except (ValueError, SyntaxError) as exc:  # PIL raises these for some corrupt headers
-        return {**info, "error": f"corrupt file ({exc})"}
+    except OSError as exc:  # changed or vanished between the two reads
+        return {**info, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     return info
 
 
