@@ -162,6 +162,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
+    skipped = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, 1):
         x = to_input(images, device, mean, std, channels_last)
@@ -179,6 +180,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
         loss_sum += loss.detach() * n
         correct += ((logits.argmax(1) == y) & valid).sum()
         seen += n
+        skipped += (~valid).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
             total_loss, total_seen = loss_sum.item(), max(1, seen.item())
             if not math.isfinite(total_loss):
@@ -188,7 +190,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     seconds = time.perf_counter() - start
     n_seen = max(1, int(seen.item()))
     return {"loss": loss_sum.item() / n_seen, "accuracy": correct.item() / n_seen,
-            "images": len(loader.sampler) if loader.sampler is not None else n_seen, "seconds": seconds}
+            "images": len(loader.sampler) if loader.sampler is not None else n_seen, "seconds": seconds,
+            "unreadable": int(skipped.item())}
 
 
 @torch.no_grad()
@@ -387,6 +390,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
 
     stopped = "completed"
     epoch = start_epoch
+    unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
     bar_ctx = progress_bar(console, "img") if (console is not None and rank == 0) else nullcontext()
     try:
         with bar_ctx as bar:
@@ -420,6 +424,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     y = np.concatenate([p[0] for p in parts])
                     probs = np.concatenate([p[1] for p in parts])
                 val = validation_metrics(y, probs)
+                unreadable = max(unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
                 row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
                        "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
                        "train_accuracy": tr["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
@@ -450,8 +455,10 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    failures = train_set.failures + val_set.failures
-    result_notes = [f"{len(failures)} image(s) could not be read and were skipped, e.g. {failures[0][0]}: "
-                    f"{failures[0][1]}"] if failures else []
+    failures = train_set.failures + val_set.failures  # paths are known only without worker processes
+    result_notes = []
+    if unreadable:
+        example = f", e.g. {failures[0][0]}: {failures[0][1]}" if failures else ""
+        result_notes.append(f"{unreadable} image(s) per epoch could not be read and were skipped{example}")
     return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
                      history=history, stopped=stopped, notes=result_notes)

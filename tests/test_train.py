@@ -176,3 +176,16 @@ def test_torchrun_two_processes_on_cpu(synth_data, tmp_path):
     ckpt = load_checkpoint(runs[0] / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
     assert json.loads((runs[0] / "config.json").read_text())["world_size"] == 2
+
+
+def test_a_broken_image_does_not_stop_training(synth_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    victims = sorted((data / "train").glob("*.jpeg"))[:3]
+    victims[0].write_bytes(b"")
+    victims[1].write_bytes(victims[2].read_bytes()[:200])
+    result = train(cfg(data, tmp_path, epochs=1))
+    assert result.stopped == "completed" and result.epochs_done == 1
+    assert result.notes and result.notes[0].startswith("2 image(s) per epoch could not be read")
