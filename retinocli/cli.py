@@ -215,6 +215,9 @@ def train(
                                      "stopped": result.stopped, "history": result.history}, indent=2) + "\n")
         return
     display.render_training(result, console)
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    if result.best_epoch and "evaluate" in commands:
+        console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")
 
 
 def _list_archs(json_out: bool) -> None:

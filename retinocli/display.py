@@ -120,4 +120,3 @@ def render_training(result, console: Console) -> None:
         b = result.best_metrics
         console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {_pct(b['accuracy'])}, "
                       f"QWK {b['qwk']:.3f}, balanced accuracy {_pct(b['balanced_accuracy'])}")
-        console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")
