@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from retinocli.errors import RetinoError
@@ -61,7 +61,6 @@ class TrainConfig:
     select_metric: str = "qwk"
     project: str = "runs"
     name: str = "train"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():

@@ -123,10 +123,6 @@ def _state_from_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.fc.parameters())
-
-
 def freeze_backbone(model: nn.Module, frozen: bool) -> None:
     """Freeze (or thaw) everything but the head."""
     for name, p in model.named_parameters():

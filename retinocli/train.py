@@ -227,8 +227,7 @@ def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
 def _better(metric: str, new: dict, best: dict | None) -> bool:
     if best is None:
         return True
-    key = {"qwk": "qwk", "accuracy": "accuracy", "loss": "loss"}[metric]
-    a, b = new[key], best[key]
+    a, b = new[metric], best[metric]
     if not math.isfinite(a):
         return False
     if not math.isfinite(b):
