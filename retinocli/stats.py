@@ -27,20 +27,22 @@ def grade_balance(grades) -> dict:
     The majority accuracy is what always answering the commonest grade scores: the bar any
     model must clear (73.5 % on the course's test split, which its reports never noticed).
     """
+    from retinocli.metrics import majority_baseline
+
     labelled = [int(g) for g in grades if g is not None and g == g]
     counts = Counter(labelled)
     n = len(labelled)
     per_grade = [counts.get(g, 0) for g in range(NUM_GRADES)]
     present = [c for c in per_grade if c]
-    majority = max(range(NUM_GRADES), key=lambda g: (per_grade[g], -g)) if n else None
+    majority, majority_accuracy = majority_baseline(labelled) if n else (None, None)
     return {
         "labelled": n,
         "counts": per_grade,
         "shares": [c / n if n else 0.0 for c in per_grade],
         "absent_grades": [g for g in range(NUM_GRADES) if per_grade[g] == 0],
         "imbalance_ratio": max(present) / min(present) if present else None,
-        "majority_grade": majority,
-        "majority_accuracy": per_grade[majority] / n if n else None,
+        "majority_grade": None if majority is None else int(majority),
+        "majority_accuracy": None if majority_accuracy is None else float(majority_accuracy),
     }
 
 

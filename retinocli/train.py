@@ -163,8 +163,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
+    processed = 0  # images through the model, drop_last included: what images/s counts
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, 1):
+        processed += len(targets)
         x = to_input(images, device, mean, std, channels_last)
         y = targets.to(device, non_blocking=True)
         with autocast():
@@ -190,7 +192,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     seconds = time.perf_counter() - start
     n_seen = max(1, int(seen.item()))
     return {"loss": loss_sum.item() / n_seen, "accuracy": correct.item() / n_seen,
-            "images": len(loader.sampler) if loader.sampler is not None else n_seen, "seconds": seconds,
+            "images": processed, "seconds": seconds,
             "unreadable": int(skipped.item())}
 
 
