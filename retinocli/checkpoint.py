@@ -57,3 +57,54 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         raise RetinoError(f"{path}: not a retino checkpoint (no model and config inside)")
     return obj
+
+
+def newest_run_checkpoint(root: str | Path = "runs") -> Path:
+    """The ``best.pt`` most recently written anywhere under ``root`` (the newest run)."""
+    root = Path(root)
+    found = [p for p in root.rglob("best.pt") if p.is_file()] if root.is_dir() else []
+    if not found:
+        raise RetinoError(f"no trained run under {root}/ (no best.pt); run `retino train` first "
+                          f"or name a run folder or checkpoint")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_checkpoint(target: str | Path | None, root: str | Path = "runs") -> Path:
+    """A run folder -> its best.pt; a file -> itself; None -> the newest run's best.pt."""
+    if target is None:
+        return newest_run_checkpoint(root)
+    path = Path(target)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise RetinoError(f"{path} holds no best.pt or last.pt: not a training run folder")
+    if not path.exists():
+        raise RetinoError(f"no such run or checkpoint: {path}")
+    return path
+
+
+def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the model a checkpoint was trained as and load its weights, in eval mode.
+
+    Returns:
+        ``(model, state)``; ``state`` is the checkpoint dict (config, preprocess, metrics...).
+
+    Raises:
+        RetinoError: unreadable checkpoint, or weights that do not fit the stored architecture.
+    """
+    from retinocli.models import build_model
+
+    state = load_checkpoint(path, map_location=map_location)
+    cfg = state["config"]
+    arch = cfg.get("arch") if isinstance(cfg, dict) else None
+    names = state.get("class_names") or []
+    try:
+        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")))
+        model.load_state_dict(state["model"])
+    except RetinoError:
+        raise
+    except Exception as exc:  # a state dict of another arch or head size
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RetinoError(f"{path}: weights do not fit {arch} with {len(names) or 5} grades ({first[:160]})") from None
+    return model.eval(), state

@@ -220,6 +220,203 @@ def train(
         console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")
 
 
+ProviderOpt = Annotated[str, typer.Option(
+    help="ONNX models: auto (TensorRT, then CUDA, then CPU), tensorrt, cuda, cpu.")]
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="A run folder, a checkpoint (.pt) or an exported model (.onnx); default: the newest run.")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Dataset to evaluate on (default: the images the run recorded in its split.csv).")] = None,
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    layout: LayoutOpt = None,
+    images: ImagesOpt = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average over the 8 flips and quarter turns.")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for metrics.json and predictions.csv (default: the run's folder).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    threads: Annotated[Optional[int], typer.Option(help="Decoding threads (default min(8, cores)).")] = None,
+    device: Annotated[str, typer.Option(help="Checkpoints: auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    provider: ProviderOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace metrics.json/predictions.csv.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Score a model on a labelled split: confusion table, per-grade and clinical metrics, AUCs."""
+    from retinocli import display
+    from retinocli.evaluate import evaluate as run_evaluation
+
+    shown = err_console if json_out else console
+    with user_errors():
+        with display.progress_bar(shown, "img", transient=True) as bar:
+            result = run_evaluation(model, data=data, split=split, layout=layout, images=images, tta=tta,
+                                    out=out, force=force, batch_size=batch_size, threads=threads,
+                                    device=device, provider=provider, progress=bar)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    display.render_evaluation(result.report, console)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"Wrote {result.metrics_path} and {result.predictions_path}")
+    run = result.report.get("run")
+    if run:
+        console.print(f"Next: [bold]retino report {run}[/]  or  [bold]retino export {run}[/]")
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders to put side by side "
+                                                              "(default: the newest run).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default reports/<first run's name>).")] = None,
+    svg: Annotated[bool, typer.Option("--svg", help="Also write every figure as SVG.")] = False,
+    title: Annotated[Optional[str], typer.Option(help="Title of report.md.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a report folder that has files.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+) -> None:
+    """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, report.md."""
+    from retinocli.report import write_report
+
+    with user_errors():
+        if not runs:
+            runs = [_newest_run()]
+            console.print(f"Reporting the newest run: {runs[0]}")
+        target = out if out is not None else Path("reports") / runs[0].name
+        result = write_report(list(runs), target, svg=svg, force=force, title=title)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    for fig in result.figures:
+        console.print(f"  {fig}")
+    for line in result.warnings:
+        console.print(f"[bold red]warning:[/] {line}")
+    for line in result.notes:
+        console.print(f"[yellow]note:[/] {line}")
+    console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
+
+
+@app.command()
+def export(
+    model: Annotated[Optional[Path], typer.Argument(
+        help="A run folder (its best.pt) or a checkpoint; default: the newest run.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output .onnx (default: model.onnx in the run folder).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights, for GPUs.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Static int8 quantisation (QDQ, per-channel), "
+                                                      "calibrated on training images.")] = False,
+    calibration_images: Annotated[int, typer.Option(help="--int8: training images to calibrate on.")] = 128,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Export a trained grader to ONNX with its preprocessing and grade names inside; checks parity."""
+    from retinocli import display
+    from retinocli.export import export as run_export
+
+    with user_errors():
+        result = run_export(model, out=out, fp16=fp16, int8=int8, opset=opset, force=force,
+                            calibration_images=calibration_images, console=err_console if json_out else console)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    display.render_export(result, console)
+    console.print(f"Next: [bold]retino predict FOLDER --model {result.path}[/]")
+
+
+@app.command()
+def predict(
+    folder: Annotated[Path, typer.Argument(help="Folder of fundus photographs (searched recursively) "
+                                                "or one image.")],
+    model: Annotated[Optional[Path], typer.Option(
+        help="Exported .onnx model (default: the newest one under runs/).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default predictions.csv, "
+                                                     "or predictions.jsonl with --json).")] = None,
+    provider: ProviderOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
+    threads: Annotated[Optional[int], typer.Option(help="Decoding threads (default min(8, cores)).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already in the output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output file.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any image failed.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Write JSON lines instead of CSV.")] = False,
+) -> None:
+    """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
+    from retinocli import display
+    from retinocli.predict import predict_folder, render_predict_summary
+    from retinocli.runtime import OnnxGrader, newest_model
+
+    with user_errors():
+        if batch_size < 1:
+            raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
+        if model is None:
+            model = newest_model()
+            console.print(f"Using the newest exported model: {model}")
+        grader = OnnxGrader(model, provider=provider, threads=threads)
+        console.print(f"Model {model} ({grader.info.arch}, {grader.info.precision}, "
+                      f"{grader.info.preprocess.size}px {grader.info.preprocess.mode}) on "
+                      f"[bold]{grader.provider}[/]")
+        for note in grader.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        target = out if out is not None else Path("predictions.jsonl" if json_out else "predictions.csv")
+        with display.progress_bar(console, "img") as bar:
+            summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
+                                     resume=resume, force=force, json_lines=json_out, progress=bar)
+    render_predict_summary(summary, list(grader.info.grade_names), console)
+    if strict and summary.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    data: Annotated[Path, typer.Option(help="Dataset folder (any layout).")] = Path("data"),
+    layout: LayoutOpt = None,
+    images: ImagesOpt = None,
+    arch: Annotated[Optional[list[str]], typer.Option(help="Architecture; repeat for several.")] = None,
+    pretrained: Annotated[str, typer.Option(help="yes, no or both (ImageNet weights and scratch).")] = "both",
+    mode: Annotated[str, typer.Option(help="finetune, linear, two-stage.")] = "finetune",
+    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 512,
+    preprocess: Annotated[str, typer.Option(help="none, crop, graham.")] = "none",
+    augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
+    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default by weights).")] = None,
+    class_weights: Annotated[str, typer.Option(help="none, balanced, sqrt.")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    split: Annotated[str, typer.Option(help="Split each run is evaluated on.")] = "test",
+    tta: Annotated[bool, typer.Option("--tta", help="Evaluate with test-time augmentation.")] = False,
+    project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
+    name: Annotated[str, typer.Option(help="Folder of this comparison under --project.")] = "compare",
+    force: Annotated[bool, typer.Option("--force", help="Start the comparison again from scratch.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train every arch with and without ImageNet weights, evaluate each, write one report (resumable)."""
+    from retinocli.compare import compare as run_compare
+    from retinocli.config import TrainConfig
+
+    with user_errors():
+        base = TrainConfig(data=str(data), layout=layout, images=str(images) if images else None, mode=mode,
+                           img_size=img_size, preprocess=preprocess, augment=augment, epochs=epochs,
+                           batch_size=batch_size, lr=lr, class_weights=class_weights, seed=seed, device=device,
+                           workers=workers, project=project, name=name)
+        result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split, tta=tta,
+                             force=force, console=err_console if json_out else console)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    for line in result.done + [f"[yellow]note:[/] {n}" for n in result.notes]:
+        console.print(line)
+    console.print(f"Report: [bold]{result.markdown}[/]")
+
+
+def _newest_run(root: Path = Path("runs")) -> Path:
+    """The run folder whose history.csv was written last (torch-free, unlike the checkpoint helpers)."""
+    found = list(root.rglob("history.csv")) if root.is_dir() else []
+    if not found:
+        raise RetinoError(f"no training run under {root}/; run `retino train` first or name run folders")
+    return max(found, key=lambda p: p.stat().st_mtime).parent
+
+
 def _list_archs(json_out: bool) -> None:
     from retinocli.models import ARCHS, parameter_count, weight_names
 

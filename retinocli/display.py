@@ -120,3 +120,84 @@ def render_training(result, console: Console) -> None:
         b = result.best_metrics
         console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {_pct(b['accuracy'])}, "
                       f"QWK {b['qwk']:.3f}, balanced accuracy {_pct(b['balanced_accuracy'])}")
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _pct_or_dash(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.1%}"
+
+
+def confusion_table(cm: list[list[int]], names: list[str], title: str) -> Table:
+    """True grades as rows, predictions as columns: count and row share, diagonal highlighted."""
+    table = Table(title=title, title_justify="left", show_lines=False, padding=(0, 1))
+    table.add_column("true \\ predicted", style="bold", no_wrap=True)
+    for g, name in enumerate(names):
+        table.add_column(f"{g}\n{name}", justify="right", no_wrap=True)
+    table.add_column("total", justify="right", style="dim")
+    for i, row in enumerate(cm):
+        total = sum(row)
+        cells = []
+        for j, n in enumerate(row):
+            share = n / total if total else 0.0
+            text = f"{n:,} [dim]{share:.0%}[/]" if total else "0"
+            if i == j:
+                text = f"[bold green]{n:,}[/] [green]{share:.0%}[/]" if total else "[green]0[/]"
+            elif n:
+                text = f"[red]{n:,}[/] [dim]{share:.0%}[/]"
+            cells.append(text)
+        table.add_row(f"{i} {names[i]}", *cells, f"{total:,}")
+    return table
+
+
+def render_evaluation(report: dict, console: Console) -> None:
+    """Confusion table, per-grade scores and the summary metrics of ``retino evaluate``."""
+    m, names = report["metrics"], report["grade_names"]
+    what = f"{report.get('arch') or '?'} · {report.get('weights') or 'scratch'} · {report.get('mode') or '?'}"
+    console.print(confusion_table(m["confusion_matrix"], names,
+                                  f"{report['model']} on {report['split']} ({m['n']:,} images{', TTA' if report['tta'] else ''}) — {what}"))
+    per = Table(title="per grade", title_justify="left")
+    for col in ("grade", "precision", "recall", "F1", "support"):
+        per.add_column(col, justify="right" if col != "grade" else "left")
+    for row in m["per_class"]:
+        per.add_row(f"{row['grade']} {row['name']}", _pct_or_dash(row["precision"]), _pct_or_dash(row["recall"]),
+                    _pct_or_dash(row["f1"]), f"{row['support']:,}")
+    console.print(per)
+    ref = m["referable"]
+    summary = Table(title="summary", title_justify="left", show_header=False)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    gap = m["accuracy_gap"]
+    gap_style = "bold red" if gap < 0.01 else "green"
+    summary.add_row("accuracy", f"[bold]{_pct_or_dash(m['accuracy'])}[/]")
+    summary.add_row(f"majority baseline (always grade {m['majority_grade']})", _pct_or_dash(m["majority_accuracy"]))
+    summary.add_row("gap to baseline", f"[{gap_style}]{gap * 100:+.1f} points[/]")
+    summary.add_row("balanced accuracy", _pct_or_dash(m["balanced_accuracy"]))
+    summary.add_row("macro F1", _pct_or_dash(m["macro_f1"]))
+    summary.add_row("quadratic weighted kappa", _num(m["qwk"]))
+    summary.add_row("referable DR (grade >= 2) sensitivity", _pct_or_dash(ref["sensitivity"]))
+    summary.add_row("referable DR specificity", _pct_or_dash(ref["specificity"]))
+    summary.add_row("referable DR ROC AUC", _num(ref.get("auc")))
+    summary.add_row("one-vs-rest macro AUC", _num(m.get("ovr_macro_auc")))
+    console.print(summary)
+    if gap < 0.01:
+        console.print(f"[bold red]warning:[/] accuracy does not beat answering grade {m['majority_grade']} "
+                      f"for every image by 1 point; judge by balanced accuracy, QWK and the confusion table")
+    if report["n_unreadable"]:
+        console.print(f"[yellow]note:[/] {report['n_unreadable']} unreadable image(s) left out")
+    console.print(f"[dim]{report['n_images']:,} images in {report['seconds']:.1f}s "
+                  f"({report['images_per_second']:,.1f} img/s) on {report['runtime']}[/]")
+
+
+def render_export(result, console: Console) -> None:
+    """Where the ONNX file went, its size, and the parity numbers."""
+    p = result.parity
+    console.print(f"[green]Wrote[/] {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.precision}, "
+                  f"opset {result.opset}) in {result.seconds:.1f}s")
+    if p.get("checked"):
+        console.print(f"parity vs PyTorch on {p['images']} images at batch {' and '.join(map(str, p['batches']))}: "
+                      f"max |Δ prob| {p['max_abs_diff_probs']:.2e}, max |Δ logit| {p['max_abs_diff_logits']:.2e}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")

@@ -369,7 +369,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     device_info = versions(device)
     if rank == 0 and state is None:
         (run_dir / "config.json").write_text(json.dumps(
-            {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small, "amp": amp,
+            {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small,
+             "parameters": sum(p.numel() for p in core.parameters()), "amp": amp,
              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
              "channels_last": channels_last, "workers": workers, "world_size": world,
              "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}}, indent=2))

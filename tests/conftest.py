@@ -44,3 +44,15 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_data, tmp_path_factory) -> Path:
+    """A resnet18 trained 5 epochs at 48 px on synth_data: beats the majority bar (see test_train)."""
+    from retinocli.config import TrainConfig
+    from retinocli.train import train
+
+    project = tmp_path_factory.mktemp("trained") / "runs"
+    cfg = TrainConfig(data=str(synth_data), img_size=48, epochs=5, batch_size=16, workers=0,
+                      project=str(project), name="train")
+    return train(cfg).run_dir

@@ -1,0 +1,286 @@
+"""Score a trained grader on a labelled split: a checkpoint through PyTorch, an ONNX file through
+onnxruntime, the same images, the same numbers.
+
+Both back ends see identical inputs: images are decoded and prepared with numpy/PIL in threads
+(:func:`retinocli.predict.decode_batches`, the predictor's own pipeline) and normalised by
+:func:`retinocli.preprocess.to_batch`; only the forward pass differs. ``evaluate`` writes
+``metrics.json`` (:func:`retinocli.metrics.summarize` plus where the numbers came from) and
+``predictions.csv`` (one row per image) and returns them.
+
+torch is imported only when a checkpoint is evaluated; an ONNX model evaluates without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinocli import GRADE_NAMES, metrics
+from retinocli.errors import RetinoError
+from retinocli.preprocess import Preprocess, to_batch
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Backend:
+    """A model that maps a normalised float32 NCHW batch to grade probabilities."""
+
+    kind: str  # "checkpoint" or "onnx"
+    path: Path
+    preprocess: Preprocess
+    grade_names: tuple[str, ...]
+    forward: Callable[[np.ndarray], np.ndarray]
+    runtime: str  # torch device or onnxruntime provider that runs it
+    run_dir: Path | None
+    info: dict[str, Any] = field(default_factory=dict)  # arch, weights, mode, epoch
+    notes: list[str] = field(default_factory=list)
+
+
+def is_onnx(path: str | Path) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def open_model(target: str | Path | None, *, device: str = "auto", provider: str = "auto",
+               threads: int | None = None) -> Backend:
+    """A run folder, checkpoint or ``.onnx`` file (None: the newest run) as a :class:`Backend`."""
+    if target is not None and is_onnx(target):
+        return _onnx_backend(Path(target), provider, threads)
+    return _torch_backend(target, device)
+
+
+def _onnx_backend(path: Path, provider: str, threads: int | None) -> Backend:
+    from retinocli.runtime import OnnxGrader
+
+    grader = OnnxGrader(path, provider=provider, threads=threads)
+    info = grader.info
+    run_dir = Path(info.run) if info.run and Path(info.run).is_dir() else None
+    return Backend(kind="onnx", path=path, preprocess=info.preprocess, grade_names=tuple(info.grade_names),
+                   forward=lambda x: grader.run(x)[1], runtime=grader.provider, run_dir=run_dir,
+                   info={"arch": info.arch, "weights": info.weights, "mode": info.mode, "epoch": info.epoch,
+                         "precision": info.precision},
+                   notes=list(grader.notes))
+
+
+def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
+    import torch
+
+    from retinocli.checkpoint import load_trained, resolve_checkpoint
+    from retinocli.train import pick_device
+
+    ckpt = resolve_checkpoint(target)
+    model, state = load_trained(ckpt)
+    device = pick_device(device_spec)
+    model.to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    cfg = state["config"]
+
+    @torch.inference_mode()
+    def forward(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(device, non_blocking=True)
+        if channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return torch.softmax(model(t).float(), 1).cpu().numpy()
+
+    names = tuple(state.get("class_names") or GRADE_NAMES)
+    return Backend(kind="checkpoint", path=ckpt, preprocess=Preprocess.from_dict(state["preprocess"]),
+                   grade_names=names, forward=forward, runtime=str(device), run_dir=ckpt.parent,
+                   info={"arch": cfg.get("arch"), "weights": cfg.get("weights"), "mode": cfg.get("mode"),
+                         "epoch": state.get("epoch"), "precision": "fp32"})
+
+
+# ------------------------------------------------------------------------- inference
+
+
+def tta_views(x: np.ndarray) -> Iterator[np.ndarray]:
+    """The 8 flips and quarter turns of a square NCHW batch (a fundus has no up or left)."""
+    for k in range(4):
+        turned = np.rot90(x, k, axes=(2, 3))
+        yield np.ascontiguousarray(turned)
+        yield np.ascontiguousarray(turned[..., ::-1])
+
+
+def predict_probs(backend: Backend, x: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    """Grade probabilities for a normalised batch, averaged over :func:`tta_views` with ``tta``."""
+    if not tta:
+        return np.asarray(backend.forward(x), np.float32)
+    total = None
+    for n, view in enumerate(tta_views(x), 1):
+        p = np.asarray(backend.forward(view), np.float64)
+        total = p if total is None else total + p
+    return (total / n).astype(np.float32)
+
+
+@dataclass
+class Scored:
+    """Per-image results in input order; ``probs`` rows of unreadable images are NaN."""
+
+    paths: list[str]
+    probs: np.ndarray
+    errors: dict[str, str]
+    seconds: float
+
+
+def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_size: int = 64,
+                threads: int | None = None, progress=None, description: str = "evaluate") -> Scored:
+    """Decode (threaded, overlapped with inference) and score every path; broken files are recorded."""
+    from retinocli.predict import decode_batches
+
+    k = len(backend.grade_names)
+    probs = np.full((len(paths), k), np.nan, np.float32)
+    where = {p: i for i, p in enumerate(paths)}
+    errors: dict[str, str] = {}
+    task = progress.add_task(description, total=len(paths), postfix="") if progress is not None else None
+    start = time.perf_counter()
+    for batch in decode_batches(paths, backend.preprocess, batch_size=batch_size, threads=threads):
+        for path, reason in batch.errors:
+            errors[str(path)] = reason
+        if len(batch.good):
+            out = predict_probs(backend, to_batch(batch.images, backend.preprocess), tta=tta)
+            probs[[where[str(p)] for p in batch.good]] = out
+        if task is not None:
+            progress.update(task, advance=len(batch.paths))
+    return Scored(paths=list(paths), probs=probs, errors=errors, seconds=time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------- the split
+
+
+def split_records(backend: Backend, *, data: str | Path | None, split: str, layout: str | None = None,
+                  images: str | Path | None = None):
+    """Image paths and true grades of ``split``: from ``data`` when given, else the run's split.csv.
+
+    The run's own split.csv is the only place its carved-out validation split exists, and it
+    records the test split the run was trained beside.
+    """
+    import pandas as pd
+
+    from retinocli.layouts import load_dataset
+
+    if split not in SPLITS:
+        raise RetinoError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if data is not None:
+        records = load_dataset(data, layout=layout, images=images).records
+        source = str(data)
+    elif backend.run_dir is not None and (backend.run_dir / "split.csv").is_file():
+        records = pd.read_csv(backend.run_dir / "split.csv", dtype={"image": str, "path": str})
+        source = str(backend.run_dir / "split.csv")
+    else:
+        raise RetinoError(f"{backend.path}: its training run is not here to say which images are "
+                          f"{split}; pass --data DATA")
+    rows = records[records["split"] == split]
+    if "found" in rows:
+        rows = rows[rows["found"].astype(bool)]
+    rows = rows[rows["grade"].notna()]
+    if rows.empty:
+        have = sorted(set(records["split"].dropna()))
+        hint = " (the validation split is carved by training: omit --data to use the run's)" if split == "val" else ""
+        raise RetinoError(f"{source} has no labelled {split} images (splits there: "
+                          f"{', '.join(have) or 'none'}){hint}")
+    return rows["image"].astype(str).tolist(), rows["path"].astype(str).tolist(), \
+        rows["grade"].astype(int).to_numpy(), source
+
+
+# ------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    metrics_path: Path
+    predictions_path: Path
+    report: dict[str, Any]  # what metrics.json holds
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.report, "metrics_path": str(self.metrics_path),
+                "predictions_path": str(self.predictions_path)}
+
+
+def default_out_dir(backend: Backend) -> Path:
+    """A checkpoint reports into its run folder; an ONNX file into ``<stem>-eval`` beside it."""
+    if backend.kind == "onnx":
+        return backend.path.parent / f"{backend.path.stem}-eval"
+    return backend.path.parent
+
+
+def prediction_fields(k: int) -> list[str]:
+    return ["image", "path", "grade", "predicted", "confidence", *(f"prob_{g}" for g in range(k)),
+            "referable_prob", "status", "error"]
+
+
+def evaluate(target: str | Path | None = None, *, data: str | Path | None = None, split: str = "test",
+             layout: str | None = None, images: str | Path | None = None, tta: bool = False,
+             out: str | Path | None = None, force: bool = False, batch_size: int = 64,
+             threads: int | None = None, device: str = "auto", provider: str = "auto",
+             progress=None) -> EvalResult:
+    """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv."""
+    if batch_size < 1:
+        raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
+    backend = open_model(target, device=device, provider=provider, threads=threads)
+    out_dir = Path(out) if out is not None else default_out_dir(backend)
+    metrics_path, predictions_path = out_dir / "metrics.json", out_dir / "predictions.csv"
+    for p in (metrics_path, predictions_path):
+        if p.exists() and not force:
+            raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
+    names, paths, grades, source = split_records(backend, data=data, split=split, layout=layout, images=images)
+
+    scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, progress=progress)
+    ok = ~np.isnan(scored.probs).any(axis=1)
+    if not ok.any():
+        raise RetinoError(f"none of the {len(paths)} {split} images could be read "
+                          f"(e.g. {next(iter(scored.errors.items()), ('', ''))[1]})")
+    probs, y = scored.probs[ok].astype(np.float64), grades[ok]
+    probs /= probs.sum(1, keepdims=True)  # fp16 models: exact normalisation for the AUC ranks
+    pred = probs.argmax(1)
+    k = len(backend.grade_names)
+    summary = metrics.summarize(y, pred, probs, num_classes=k)
+    fpr, tpr, _ = metrics.roc_curve(y >= metrics.REFERABLE_GRADE, probs[:, metrics.REFERABLE_GRADE:].sum(1))
+    report = {
+        "model": str(backend.path), "kind": backend.kind,
+        "run": str(backend.run_dir) if backend.run_dir else None, **backend.info,
+        "data": source, "split": split, "tta": tta, "runtime": backend.runtime,
+        "n_images": len(paths), "n_unreadable": int((~ok).sum()), "seconds": round(scored.seconds, 3),
+        "images_per_second": round(len(paths) / max(scored.seconds, 1e-9), 1),
+        "grade_names": list(backend.grade_names), "metrics": summary,
+        "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_predictions(predictions_path, names, scored, grades, k)
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, metrics_path)
+    notes = list(backend.notes)
+    if scored.errors:
+        first = next(iter(scored.errors.items()))
+        notes.append(f"{len(scored.errors)} image(s) could not be read and are left out of the metrics, "
+                     f"e.g. {first[1]}")
+    return EvalResult(out_dir, metrics_path, predictions_path, report, notes)
+
+
+def _rounded(a: np.ndarray) -> list[float]:
+    return [round(float(v), 6) for v in a]
+
+
+def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray, k: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(prediction_fields(k))
+        for name, p, g, row in zip(names, scored.paths, grades, scored.probs):
+            if p in scored.errors:
+                writer.writerow([name, p, int(g), "", "", *([""] * k), "", "error", scored.errors[p]])
+                continue
+            writer.writerow([name, p, int(g), int(row.argmax()), f"{row.max():.6f}",
+                             *(f"{v:.6f}" for v in row), f"{row[metrics.REFERABLE_GRADE:].sum():.6f}", "ok", ""])
+    os.replace(tmp, path)

@@ -1,0 +1,319 @@
+"""Checkpoint -> a self-describing ONNX file that ``retino predict`` can use without torch.
+
+The file holds the eval-mode network (dynamic batch axis, outputs ``logits`` and ``probs``) and,
+in ``metadata_props``, everything prediction needs: grade names, preprocessing, architecture,
+weights, run, metrics at export (:func:`retinocli.runtime.metadata_props`). Before it is put in
+place it passes ``onnx.checker``'s full check and a parity check against PyTorch on real images
+from the run. ``--fp16`` halves the weights for GPUs; ``--int8`` quantises statically (QDQ,
+per-channel) with calibration images from the training split, and measures the accuracy it costs
+on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinocli import __version__
+from retinocli.errors import RetinoError
+from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
+
+OPSET = 18
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |probability difference| allowed
+PARITY_BATCHES = (1, 7)  # the batch axis is dynamic: both must run
+CALIBRATION_IMAGES = 128
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    checkpoint: Path
+    precision: str
+    opset: int
+    size_bytes: int
+    seconds: float
+    parity: dict[str, Any]  # max_abs_diff_probs, max_abs_diff_logits, batches, images, checked
+    quantization: dict[str, Any] | None = None  # int8: val accuracy before and after
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"], d["checkpoint"] = str(self.path), str(self.checkpoint)
+        return d
+
+
+def default_output(ckpt: Path, precision: str) -> Path:
+    return ckpt.parent / ("model.onnx" if precision == "fp32" else f"model-{precision}.onnx")
+
+
+def export(target: str | Path | None = None, *, out: str | Path | None = None, fp16: bool = False,
+           int8: bool = False, opset: int = OPSET, force: bool = False,
+           calibration_images: int = CALIBRATION_IMAGES, console=None) -> ExportResult:
+    """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc."""
+    from retinocli.checkpoint import load_trained, resolve_checkpoint
+
+    if fp16 and int8:
+        raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
+    if opset < 17:
+        raise RetinoError(f"--opset must be >= 17, got {opset}")
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    say = console.print if console is not None else (lambda *a, **k: None)
+    start = time.perf_counter()
+    ckpt = resolve_checkpoint(target)
+    out = Path(out) if out is not None else default_output(ckpt, precision)
+    if out.suffix.lower() != ".onnx":
+        raise RetinoError(f"--out must end in .onnx, got {out}")
+    if out.exists() and not force:
+        raise RetinoError(f"{out} already exists; pass --force to overwrite it")
+    model, state = load_trained(ckpt)
+    prep = Preprocess.from_dict(state["preprocess"])
+    say(f"Exporting {ckpt} (epoch {state.get('epoch')}, {state['config'].get('arch')}) -> {out} [{precision}]")
+
+    wrapped = _with_probs(model).eval()
+    run_dir = ckpt.parent
+    sample = _sample_images(run_dir, prep, 8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        final = Path(tmp) / "final.onnx"
+        import onnx
+
+        notes: list[str] = []
+        quantization = None
+        if precision == "fp16":
+            # half weights and activations inside, float32 in and out: callers never cast
+            _torch_export(_with_probs(copy.deepcopy(model), half=True).eval(), prep.size, final, opset)
+            proto = onnx.load(final)
+        else:
+            _torch_export(wrapped, prep.size, fp32_path, opset)
+            proto = onnx.load(fp32_path)
+        _set_metadata(proto, state, ckpt, precision)
+        if precision == "int8":
+            onnx.save(proto, fp32_path)
+            quantization = _quantize(fp32_path, final, run_dir, prep, calibration_images, say)
+        else:
+            onnx.save(proto, final)
+        try:
+            onnx.checker.check_model(str(final), full_check=True)
+        except Exception as exc:
+            raise RetinoError(f"exported model failed onnx.checker: {str(exc).splitlines()[0]}") from None
+        parity = _parity(wrapped, final, sample, precision, notes)
+        os.replace(final, out)
+    if quantization is not None:
+        notes.append(f"int8 val accuracy {quantization['accuracy_int8']:.1%} vs fp32 "
+                     f"{quantization['accuracy_fp32']:.1%} on {quantization['images']} val images")
+    return ExportResult(path=out, checkpoint=ckpt, precision=precision, opset=opset,
+                        size_bytes=out.stat().st_size, seconds=round(time.perf_counter() - start, 2),
+                        parity=parity, quantization=quantization, notes=notes)
+
+
+def _with_probs(net, *, half: bool = False):
+    """The grading network with a softmax output beside its logits (torch imported on use).
+
+    ``half`` runs the network in float16 between a cast of the float32 input and of its logits.
+    """
+    import torch
+    from torch import nn
+
+    class WithProbs(nn.Module):
+        """The grading network with a softmax head beside its logits."""
+
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net = net.half() if half else net
+
+        def forward(self, images: torch.Tensor):
+            logits = self.net(images.half()).float() if half else self.net(images)
+            return logits, torch.softmax(logits, dim=1)
+
+    return WithProbs(net)
+
+
+def _torch_export(wrapped, size: int, path: Path, opset: int) -> None:
+    import torch
+
+    x = torch.randn(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=["logits", "probs"],
+                              dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
+                              external_data=False, verbose=False)
+        except Exception as exc:  # the torch.export path refuses some graphs: the TorchScript one remains
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            try:
+                torch.onnx.export(wrapped, (x,), str(path), input_names=["images"],
+                                  output_names=["logits", "probs"], opset_version=opset, dynamo=False,
+                                  dynamic_axes={n: {0: "batch"} for n in ("images", "logits", "probs")})
+            except Exception as exc2:
+                raise RetinoError(f"ONNX export failed: {first}; TorchScript exporter: "
+                                  f"{str(exc2).splitlines()[0][:160]}") from None
+
+
+def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
+    from retinocli.runtime import set_metadata
+
+    cfg = state["config"]
+    scalars = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    set_metadata(proto, {
+        "grade_names": list(state.get("class_names") or []),
+        "preprocess": state["preprocess"],
+        "arch": cfg.get("arch"), "weights": cfg.get("weights") or "none", "mode": cfg.get("mode"),
+        "run": str(ckpt.parent), "checkpoint": str(ckpt), "epoch": state.get("epoch"),
+        "metrics": {"val": scalars}, "precision": precision, "version": __version__,
+    })
+    proto.producer_name, proto.producer_version = "retino", __version__
+    proto.doc_string = f"retino diabetic-retinopathy grader ({cfg.get('arch')}, {precision})"
+
+
+def _sample_images(run_dir: Path, prep: Preprocess, n: int) -> np.ndarray:
+    """Up to ``n`` real images of the run (val first, then train), prepared as uint8 NHWC.
+
+    Parity on real fundus pixels exercises the value ranges a model meets; random noise is the
+    fallback when the run's images are gone.
+    """
+    import pandas as pd
+
+    out: list[np.ndarray] = []
+    split = run_dir / "split.csv"
+    if split.is_file():
+        rows = pd.read_csv(split, dtype={"path": str})
+        rows = pd.concat([rows[rows["split"] == "val"], rows[rows["split"] == "train"]])
+        for path in rows["path"].head(4 * n):
+            try:
+                out.append(load_and_prepare(path, prep))
+            except (RetinoError, OSError):
+                continue
+            if len(out) == n:
+                break
+    rng = np.random.default_rng(0)
+    while len(out) < n:
+        out.append(rng.integers(0, 256, (prep.size, prep.size, 3), dtype=np.uint8))
+    return np.stack(out)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list[str]) -> dict[str, Any]:
+    """Largest |difference| of PyTorch and onnxruntime (CPU) outputs at batch 1 and 7."""
+    import torch
+
+    from retinocli.runtime import parse_metadata
+
+    import onnx
+
+    prep = parse_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props},
+                          path).preprocess
+    x = to_batch(list(sample[: max(PARITY_BATCHES)]) if len(sample) >= max(PARITY_BATCHES) else list(sample), prep)
+    try:
+        session = _session(path)
+    except Exception as exc:
+        if precision == "fp16":  # the CPU provider lacks fp16 kernels for some ops
+            notes.append(f"fp16 parity not checked on CPU ({str(exc).splitlines()[0][:100]}); "
+                         "it runs on the CUDA and TensorRT providers")
+            return {"checked": False, "batches": [], "max_abs_diff_probs": None, "max_abs_diff_logits": None}
+        raise RetinoError(f"onnxruntime cannot load the exported model: {str(exc).splitlines()[0]}") from None
+    d_probs = d_logits = 0.0
+    for b in PARITY_BATCHES:
+        xb = x[:b] if b <= len(x) else np.concatenate([x] * (b // len(x) + 1))[:b]
+        with torch.no_grad():
+            logits_t, probs_t = (t.numpy() for t in wrapped(torch.from_numpy(xb)))
+        logits_o, probs_o = session.run(["logits", "probs"], {"images": xb})
+        if logits_o.shape != logits_t.shape:
+            raise RetinoError(f"ONNX output shape {logits_o.shape} != PyTorch {logits_t.shape} at batch {b}")
+        d_probs = max(d_probs, float(np.abs(probs_o.astype(np.float32) - probs_t).max()))
+        d_logits = max(d_logits, float(np.abs(logits_o.astype(np.float32) - logits_t).max()))
+    result = {"checked": True, "batches": list(PARITY_BATCHES), "images": int(len(x)),
+              "max_abs_diff_probs": d_probs, "max_abs_diff_logits": d_logits}
+    limit = PARITY_TOLERANCE.get(precision)
+    if limit is not None and d_probs > limit:
+        raise RetinoError(f"parity check failed: onnxruntime and PyTorch probabilities differ by "
+                          f"{d_probs:.2e} (> {limit:.0e}); the model was not written")
+    return result
+
+
+def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_calib: int, say) -> dict[str, Any]:
+    """Static QDQ int8, per-channel weights, calibrated on training images; val accuracy before/after."""
+    import pandas as pd
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    split = run_dir / "split.csv"
+    if not split.is_file():
+        raise RetinoError(f"--int8 calibrates on the run's training images, but {split} is missing")
+    rows = pd.read_csv(split, dtype={"path": str})
+    train = rows[rows["split"] == "train"].sample(frac=1.0, random_state=0)
+    calib: list[np.ndarray] = []
+    for path in train["path"]:
+        try:
+            calib.append(load_and_prepare(path, prep))
+        except (RetinoError, OSError):
+            continue
+        if len(calib) >= n_calib:
+            break
+    if not calib:
+        raise RetinoError(f"--int8: none of the training images listed in {split} could be read for calibration")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, images: list[np.ndarray], batch: int = 16):
+            self.batches = iter([to_batch(images[i:i + batch], prep) for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"images": x}
+
+    say(f"Calibrating int8 on {len(calib)} training images")
+    prepped = fp32_path.with_name("prepped.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+        quantize_static(str(prepped), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    # quantize_static does not promise to carry metadata_props over: copy them explicitly
+    import onnx
+
+    proto = onnx.load(out)
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(onnx.load(fp32_path, load_external_data=False).metadata_props)
+    onnx.save(proto, out)
+
+    val = rows[(rows["split"] == "val") & rows["grade"].notna()]
+    if val.empty:
+        return {"images": 0, "accuracy_fp32": float("nan"), "accuracy_int8": float("nan"), "calibration_images": len(calib)}
+    acc = {}
+    for name, path in (("fp32", fp32_path), ("int8", out)):
+        session = _session(path)
+        right = total = 0
+        for i in range(0, len(val), 32):
+            chunk = val.iloc[i:i + 32]
+            imgs, ys = [], []
+            for p, g in zip(chunk["path"], chunk["grade"]):
+                try:
+                    imgs.append(load_and_prepare(p, prep))
+                    ys.append(int(g))
+                except (RetinoError, OSError):
+                    continue
+            if imgs:
+                probs = session.run(["probs"], {"images": to_batch(imgs, prep)})[0]
+                right += int((probs.argmax(1) == np.array(ys)).sum())
+                total += len(ys)
+        acc[name] = right / total if total else float("nan")
+    return {"images": total, "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"],
+            "calibration_images": len(calib)}

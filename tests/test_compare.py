@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from retinocli.cli import app
+from retinocli.compare import compare, grid
+from retinocli.config import TrainConfig
+from retinocli.errors import RetinoError
+from test_models import put_imagenet_weights
+
+runner = CliRunner()
+
+
+def test_grid_order_and_validation():
+    cells = grid(["resnet18", "resnet50"], "both")
+    assert [c.name for c in cells] == ["resnet18-imagenet", "resnet18-scratch", "resnet50-imagenet", "resnet50-scratch"]
+    assert [c.name for c in grid(["resnet18"], "no")] == ["resnet18-scratch"]
+    with pytest.raises(RetinoError, match="--pretrained"):
+        grid(["resnet18"], "maybe")
+    with pytest.raises(RetinoError, match="unknown"):
+        grid(["resnet19"], "both")
+    with pytest.raises(RetinoError, match="repeated"):
+        grid(["resnet18", "resnet18"], "both")
+
+
+def test_interrupted_grid_resumes_and_reports(synth_data, tmp_path, torch_home):
+    put_imagenet_weights("resnet18", "IMAGENET1K_V1")
+    base = TrainConfig(data=str(synth_data), img_size=32, epochs=2, batch_size=32, workers=0, augment="none",
+                       project=str(tmp_path / "runs"), name="study")
+
+    def interrupt(cell, epoch, row):
+        if cell == "resnet18-scratch" and epoch == 1:
+            raise KeyboardInterrupt  # what Ctrl-C raises inside the loop
+
+    with pytest.raises(KeyboardInterrupt):
+        compare(base, ["resnet18"], pretrained="both", on_epoch_end=interrupt)
+    parent = tmp_path / "runs" / "study"
+    first = parent / "resnet18-imagenet"
+    assert (first / "metrics.json").is_file()  # finished and evaluated before the interruption
+    mtime = (first / "best.pt").stat().st_mtime
+
+    epochs_seen = []
+    result = compare(base, ["resnet18"], pretrained="both",
+                     on_epoch_end=lambda cell, epoch, row: epochs_seen.append((cell, epoch)))
+    assert epochs_seen == [("resnet18-scratch", 2)]  # only the missing epoch was trained
+    assert (first / "best.pt").stat().st_mtime == mtime
+    assert result.done[0].startswith("resnet18-imagenet: trained earlier")
+    assert result.done[1].startswith("resnet18-scratch: resumed at epoch 1")
+    for run in result.runs:
+        m = json.loads((run / "metrics.json").read_text())
+        assert m["split"] == "test" and m["metrics"]["n"] == 60
+    text = result.markdown.read_text()
+    assert "resnet18-imagenet" in text or "ImageNet" in text
+    assert (result.report_dir / "accuracy-comparison.png").is_file()
+
+    other = TrainConfig(**{**base.to_dict(), "epochs": 3})
+    with pytest.raises(RetinoError, match="different comparison"):
+        compare(other, ["resnet18"], pretrained="both")
+
+
+def test_pretrained_cells_need_their_weights_before_anything_trains(synth_data, tmp_path, torch_home):
+    result = runner.invoke(app, ["compare", "--data", str(synth_data), "--arch", "resnet18", "--img-size", "32",
+                                 "--epochs", "1", "--project", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "resnet18-f37072fd.pth" in result.output
+    assert not (tmp_path / "runs" / "compare" / "resnet18-imagenet").exists()

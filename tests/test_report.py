@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from retinocli import metrics
+from retinocli.errors import RetinoError
+from retinocli.report import DPI, FIGSIZE, load_run, load_runs, num, params, pct, run_label, write_report
+
+# val split: 74 % grade 0, so always answering No DR scores 74.0 % on validation
+VAL_GRADES = [0] * 37 + [1] * 4 + [2] * 6 + [3] * 2 + [4] * 1
+TEST_GRADES = [0] * 73 + [1] * 7 + [2] * 12 + [3] * 5 + [4] * 3  # majority 73.0 %
+
+
+def history(val_acc, val_qwk, *, train_acc=None, seconds=2.0) -> list[dict]:
+    n = len(val_acc)
+    train_acc = train_acc or [min(0.99, a + 0.05) for a in val_acc]
+    return [{"epoch": e + 1, "seconds": seconds + e % 2, "lr": 1e-3, "train_loss": 1.2 - 0.08 * e,
+             "train_accuracy": train_acc[e], "val_loss": 1.0 - 0.05 * e, "val_accuracy": val_acc[e],
+             "val_qwk": val_qwk[e], "val_balanced_accuracy": 0.3 + 0.02 * e, "images_per_second": 500.0}
+            for e in range(n)]
+
+
+def predictions(skill: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true, predicted, probs) over TEST_GRADES; skill 0 answers grade 0 for every image."""
+    rng = np.random.default_rng(seed)
+    y = np.array(TEST_GRADES)
+    logits = rng.normal(0, 1, (len(y), 5)) + skill * np.eye(5)[y]
+    logits[:, 0] += 1.0 if skill else 50.0
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return y, probs.argmax(1), probs
+
+
+def make_run(root: Path, name: str, *, arch="resnet18", weights="DEFAULT", mode="finetune", hist=None,
+             skill: float | None = None, select_metric="qwk", parameters: int | None = 11_689_512,
+             epochs: int | None = None) -> Path:
+    """A run folder as retino train (and, when skill is given, retino evaluate) would leave it."""
+    run = root / name
+    run.mkdir(parents=True)
+    hist = hist or history([0.70, 0.76, 0.78], [0.20, 0.55, 0.50])
+    config = {"arch": arch, "weights": weights, "pretrained": weights is not None, "mode": mode, "img_size": 224,
+              "epochs": epochs or len(hist), "batch_size": 32, "name": name, "select_metric": select_metric,
+              "learning_rate": 3e-4, "versions": {"device": "cpu"},
+              "dataset": {"root": str(root / "data"), "layout": "course"}}
+    if parameters is not None:
+        config["parameters"] = parameters
+    (run / "config.json").write_text(json.dumps(config))
+    pd.DataFrame(hist).to_csv(run / "history.csv", index=False)
+    rows = [(f"tr{i}", g, "train") for i, g in enumerate(VAL_GRADES * 4)]
+    rows += [(f"va{i}", g, "val") for i, g in enumerate(VAL_GRADES)]
+    rows += [(f"te{i}", g, "test") for i, g in enumerate(TEST_GRADES)]
+    pd.DataFrame([{"image": i, "path": f"/data/{i}.jpeg", "grade": g, "split": s, "patient": i, "eye": "left"}
+                  for i, g, s in rows]).to_csv(run / "split.csv", index=False)
+    if skill is not None:
+        y, pred, probs = predictions(skill, seed=len(name))
+        fpr, tpr, _ = metrics.roc_curve(y >= 2, probs[:, 2:].sum(1))
+        (run / "metrics.json").write_text(json.dumps({
+            "model": str(run / "best.pt"), "kind": "checkpoint", "run": str(run), "arch": arch, "weights": weights,
+            "mode": mode, "epoch": 2, "data": "data", "split": "test", "tta": False, "runtime": "cpu",
+            "n_images": len(y), "n_unreadable": 0, "seconds": 1.5,
+            "grade_names": ["No DR", "Mild", "Moderate", "Severe", "Proliferative"],
+            "metrics": metrics.summarize(y, pred, probs),
+            "referable_roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}))
+    return run
+
+
+def table(md: str, heading: str) -> dict[str, dict[str, str]]:
+    """The markdown table under ``heading``, as {first cell: {column: cell}}."""
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    header, body = rows[0], rows[2:]
+    return {r[0].strip("`"): dict(zip(header, r)) for r in body}
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"), dtype=float)
+
+
+def expected_size(kind: str) -> tuple[int, int]:
+    w, h = FIGSIZE[kind]
+    return round(w * DPI), round(h * DPI)
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    nan_row = history([0.70, float("nan"), 0.80, 0.79], [0.30, float("nan"), 0.62, 0.64])
+    nan_row[1].update(train_loss=float("nan"), train_accuracy=float("nan"), val_loss=float("nan"))
+    return [
+        make_run(tmp_path, "pretrained", skill=3.0),
+        make_run(tmp_path, "scratch", weights=None, skill=0.0, select_metric="accuracy",
+                 hist=history([0.72, 0.74, 0.74], [0.10, 0.30, 0.25]), parameters=None),
+        make_run(tmp_path, "linear", arch="resnet50", mode="linear", hist=nan_row, epochs=10),
+        make_run(tmp_path, "one", arch="resnet50", weights=None, hist=history([0.74], [0.0])),
+    ]
+
+
+def test_report_figures_and_numbers(tmp_path, runs):
+    result = write_report(runs, tmp_path / "reports" / "cmp", title="Pretrained vs scratch")
+    out = tmp_path / "reports" / "cmp"
+    names = {p.name for p in result.figures}
+    assert names == {"pretrained-curves.png", "scratch-curves.png", "linear-curves.png", "one-curves.png",
+                     "accuracy-comparison.png", "pretrained-confusion.png", "scratch-confusion.png",
+                     "class-balance.png", "referable-roc.png"}
+    sizes = {"accuracy-comparison.png": "comparison", "class-balance.png": "balance", "referable-roc.png": "roc",
+             "pretrained-confusion.png": "confusion", "pretrained-curves.png": "curves",
+             "linear-curves.png": "curves"}
+    for name, kind in sizes.items():
+        with Image.open(out / name) as img:
+            assert img.size == expected_size(kind), name
+    for path in result.figures:
+        assert pixels(path).std() > 20, f"{path.name} looks blank"
+    assert not list(out.glob("*.svg"))
+
+    md = result.markdown.read_text()
+    assert md.startswith("# Pretrained vs scratch\n")
+    for name in names:
+        assert f"]({name})" in md
+
+    train = table(md, "## Training")
+    # best epoch by val QWK (0.55 at epoch 2), its accuracy 76 % (not the last epoch's 78 %)
+    assert train["pretrained"]["best epoch"] == "2"
+    assert train["pretrained"]["val accuracy"] == "76.0 %" and train["pretrained"]["val QWK"] == "0.550"
+    # select_metric accuracy: the first epoch reaching 74 %
+    assert train["scratch"]["best epoch"] == "2" and train["scratch"]["val QWK"] == "0.300"
+    assert train["pretrained"]["weights"] == "ImageNet" and train["scratch"]["weights"] == "scratch"
+    assert train["pretrained"]["parameters"] == "11.7 M" and train["scratch"]["parameters"] == "–"
+    assert train["pretrained"]["s / epoch"] == f"{(2 + 3 + 2) / 3:.1f}"
+    # the NaN epoch is skipped, not chosen and not fatal
+    assert train["linear"]["best epoch"] == "4" and train["linear"]["val accuracy"] == "79.0 %"
+    assert train["linear"]["epochs"] == "4 of 10" and train["one"]["epochs"] == "1"
+
+    test = table(md, "## Evaluation")
+    assert set(test) == {"pretrained", "scratch"}
+    for name in test:
+        m = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
+        row = test[name]
+        assert row["accuracy"] == f"{100 * m['accuracy']:.1f} %"
+        assert row["majority baseline"] == f"{100 * m['majority_accuracy']:.1f} %" == "73.0 %"
+        assert row["balanced accuracy"] == f"{100 * m['balanced_accuracy']:.1f} %"
+        assert row["macro F1"] == f"{m['macro_f1']:.3f}"
+        assert row["QWK"] == (f"{m['qwk']:.3f}" if math.isfinite(m["qwk"]) else "–")
+        assert row["referable sensitivity"] == f"{100 * m['referable']['sensitivity']:.1f} %"
+        assert row["referable specificity"] == f"{100 * m['referable']['specificity']:.1f} %"
+        assert row["referable AUC"] == f"{m['referable']['auc']:.3f}"
+        assert row["OvR macro AUC"] == f"{m['ovr_macro_auc']:.3f}"
+        grades = table(md, f"### `{name}` per grade")
+        for c in m["per_class"]:
+            g = grades[f"{c['grade']} {c['name']}"]
+            assert g["precision"] == f"{100 * c['precision']:.1f} %" and g["F1"] == f"{c['f1']:.3f}"
+            assert g["support"] == str(c["support"])
+    assert test["scratch"]["accuracy"] == "73.0 %" and test["scratch"]["QWK"] == "0.000"  # always No DR
+
+    warnings = [line for line in md.splitlines() if "no better than answering No DR" in line]
+    assert len(warnings) == 2  # scratch at the test baseline, one at the val baseline
+    assert any("`scratch`" in w and "test split" in w for w in warnings)
+    assert any("`one`" in w and "validation" in w for w in warnings)
+    assert not any("`pretrained`" in w or "`linear`" in w for w in warnings)
+    assert result.warnings and all("no better than" in w for w in result.warnings)
+    assert result.to_dict()["markdown"] == str(out / "report.md")
+
+
+def test_svg_force_and_no_evaluated_run(tmp_path):
+    run = make_run(tmp_path, "train")
+    out = tmp_path / "rep"
+    result = write_report([run], out, svg=True)
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"train-curves.png", "accuracy-comparison.png", "class-balance.png"}
+    for png in pngs:
+        assert png.with_suffix(".svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert len(result.figures) == 6
+    md = result.markdown.read_text()
+    assert "No run has been evaluated" in md and "referable-roc" not in md
+    with pytest.raises(RetinoError, match="exists; pass --force to overwrite"):
+        write_report([run], out)
+    write_report([run], out, force=True)
+
+
+def test_number_formats():
+    assert (pct(0.735), pct(1.0), pct(float("nan")), pct(None)) == ("73.5 %", "100.0 %", "–", "–")
+    assert (num(0.61234), num(float("nan"))) == ("0.612", "–")
+    assert (params(11_689_512), params(23_500), params(None)) == ("11.7 M", "23.5 k", "–")
+
+
+def test_labels_and_bad_runs(tmp_path):
+    assert run_label({"arch": "resnet18", "weights": "DEFAULT", "mode": "finetune"}) == "resnet18 · ImageNet · finetune"
+    assert run_label({"arch": "resnet50", "weights": None, "mode": "linear"}) == "resnet50 · scratch · linear"
+    assert run_label({"arch": "resnet50", "weights": "IMAGENET1K_V2", "mode": "two-stage"}).endswith("ImageNet · two-stage")
+    assert run_label({"arch": "r", "weights": "/w/ssl-fundus.pth", "mode": "finetune"}) == "r · ssl-fundus.pth · finetune"
+
+    a, b = make_run(tmp_path / "x", "train"), make_run(tmp_path / "y", "train")
+    (a / "best.pt").write_bytes(b"")
+    first, second = load_runs([a, b, a / "best.pt"])  # a given twice (once as a file in it) counts once
+    assert (first.name, second.name) == ("train", "train-2")
+    assert first.label == "resnet18 · ImageNet · finetune (train)"
+    assert second.label == "resnet18 · ImageNet · finetune (train-2)"
+
+    with pytest.raises(RetinoError, match="no such run folder"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(RetinoError, match="no history.csv"):
+        write_report([a, tmp_path / "half"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a bad run list
