@@ -19,7 +19,11 @@ install-test: $(BIN)/python
 demo: install
 	$(BIN)/retino synth $(DEMO)/data --n 400 --size 128 --seed 0 --force
 	$(BIN)/retino stats $(DEMO)/data --plot reports/demo-balance.png --force
-	$(BIN)/retino train --data $(DEMO)/data --img-size 64 --epochs 8 --batch-size 32 --project $(DEMO)/runs
+	$(BIN)/retino train --data $(DEMO)/data --img-size 64 --epochs 8 --batch-size 32 --project $(DEMO)/runs --name train --force
+	$(BIN)/retino evaluate $(DEMO)/runs/train --split test --force
+	$(BIN)/retino report $(DEMO)/runs/train --out reports/demo --force
+	$(BIN)/retino export $(DEMO)/runs/train --force
+	$(BIN)/retino predict $(DEMO)/data/test --model $(DEMO)/runs/train/model.onnx --out $(DEMO)/predictions.csv --force
 
 test: install-test
 	$(BIN)/python -m pytest

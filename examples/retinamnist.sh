@@ -5,3 +5,6 @@ set -euo pipefail
 DATA=${1:-../shared/data/retinamnist}
 retino stats "$DATA"
 retino train --data "$DATA" --arch resnet18 --no-pretrained --img-size 28 --name retinamnist
+# the official test split, where the download has one (test/<grade>/*.png); else --split val
+retino evaluate runs/retinamnist --split test || retino evaluate runs/retinamnist --split val
+retino report runs/retinamnist --out reports/retinamnist

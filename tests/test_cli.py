@@ -126,3 +126,40 @@ def test_synth_command(tmp_path):
     assert run("synth", out, "--n", "7").exit_code == 2
     stats = run("stats", out, "--json")
     assert json.loads(stats.stdout)["layout"] == "kaggle"
+
+
+def _documented_calls() -> list[tuple[str, str, list[str]]]:
+    """(source, command, --options) for every `retino CMD ...` line in examples/ and the README."""
+    import re
+    import shlex
+
+    calls = []
+    sources = [*sorted((ROOT / "examples").glob("*.sh")), ROOT / "README.md", ROOT / "Makefile"]
+    for src in sources:
+        text = src.read_text().replace("\\\n", " ")
+        if src.suffix == ".md":  # code blocks and `inline code` only, not prose
+            blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+            text = "\n".join(blocks + re.findall(r"`(retino [^`]+)`", text))
+        for line in text.splitlines():
+            line = line.split("#")[0]  # comments are prose
+            for m in re.finditer(r"(?:retino|\$\(BIN\)/retino|-m retinocli)\s+([a-z]+)([^|#`;&]*)", line):
+                try:
+                    words = shlex.split(m.group(2))
+                except ValueError:
+                    words = m.group(2).split()
+                calls.append((src.name, m.group(1), [w.split("=")[0] for w in words if w.startswith("--")]))
+    return calls
+
+
+def test_examples_and_readme_use_real_commands_and_options():
+    import typer.main
+
+    commands = {(c.name or c.callback.__name__): c for c in app.registered_commands}
+    calls = _documented_calls()
+    assert len(calls) > 30
+    for src, name, options in calls:
+        assert name in commands, f"{src}: retino {name} is not a command"
+        click_cmd = typer.main.get_command(app).commands[name]
+        known = {opt for p in click_cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
+        for opt in options:
+            assert opt in known, f"{src}: retino {name} has no option {opt}"
