@@ -48,11 +48,18 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(synth_data, tmp_path_factory) -> Path:
-    """A resnet18 trained 5 epochs at 48 px on synth_data: beats the majority bar (see test_train)."""
-    from retinocli.config import TrainConfig
-    from retinocli.train import train
+    """``retino train`` of a resnet18, 5 epochs at 48 px on synth_data, through the CLI.
+
+    Shared by the train, evaluate, export and predict tests; the CLI's ``--json`` output is
+    kept beside the run as ``train-output.json``. Tests that write into a run copy it first.
+    """
+    from typer.testing import CliRunner
+
+    from retinocli.cli import app
 
     project = tmp_path_factory.mktemp("trained") / "runs"
-    cfg = TrainConfig(data=str(synth_data), img_size=48, epochs=5, batch_size=16, workers=0,
-                      project=str(project), name="train")
-    return train(cfg).run_dir
+    result = CliRunner().invoke(app, ["train", "--data", str(synth_data), "--img-size", "48", "--epochs", "5",
+                                      "--batch-size", "16", "--workers", "0", "--project", str(project), "--json"])
+    assert result.exit_code == 0, result.output
+    (project / "train-output.json").write_text(result.stdout)
+    return project / "train"

@@ -29,14 +29,10 @@ def cfg(data, tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_training_beats_the_majority_baseline(synth_data, tmp_path):
-    result = runner.invoke(app, ["train", "--data", str(synth_data), "--img-size", "48", "--epochs", "5",
-                                 "--batch-size", "16", "--workers", "0", "--project", str(tmp_path / "runs"),
-                                 "--json"])
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+def test_training_beats_the_majority_baseline(trained_run):
+    out = json.loads((trained_run.parent / "train-output.json").read_text())
     run = Path(out["run_dir"])
-    assert run == tmp_path / "runs" / "train"
+    assert run == trained_run and run.name == "train"
     split = list(csv.DictReader(open(run / "split.csv")))
     val = [r for r in split if r["split"] == "val"]
     majority = max(sum(r["grade"] == str(g) for r in val) for g in range(5)) / len(val)
