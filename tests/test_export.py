@@ -136,3 +136,34 @@ def test_cli_export_json_and_bad_options(exported, tmp_path):
                        (["--out", str(tmp_path / "m.txt")], ".onnx")):
         bad = runner.invoke(app, ["export", str(exported), *args])
         assert bad.exit_code == 2 and text in bad.output, (args, bad.output)
+
+
+def test_cli_export_then_predict_as_the_usage_line_types_it(trained_run, synth_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained_run, tmp_path / "runs" / "train")
+    folder = tmp_path / "folder"
+    shutil.copytree(synth_data / "test", folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    images = sorted(p for p in folder.iterdir() if p.suffix == ".jpeg")
+
+    assert runner.invoke(app, ["export"]).exit_code == 0
+    result = runner.invoke(app, ["predict", "folder/"])
+    assert result.exit_code == 0, result.output
+    assert "Using the newest exported model: runs/train/model.onnx" in result.output
+    assert "CPUExecutionProvider" in result.output
+    rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+    assert len(rows) == len(images)  # notes.txt ignored
+    by_path = {Path(r["path"]).name: r for r in rows}
+    assert by_path["broken.jpeg"]["status"] == "error" and by_path["broken.jpeg"]["error"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(images) - 1
+    assert all(r["grade_name"] == GRADE_NAMES[int(r["grade"])] for r in ok)
+
+    again = runner.invoke(app, ["predict", "folder/"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    strict = runner.invoke(app, ["predict", "folder/", "--resume", "--strict"])
+    assert strict.exit_code == 1  # one broken file
+    assert len(list(csv.DictReader(open(tmp_path / "predictions.csv")))) == len(images)  # nothing twice
+    bad = runner.invoke(app, ["predict", "folder/", "--model", "nothing.onnx", "--out", "x.csv"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
