@@ -201,3 +201,29 @@ def render_export(result, console: Console) -> None:
                       f"max |Δ prob| {p['max_abs_diff_probs']:.2e}, max |Δ logit| {p['max_abs_diff_logits']:.2e}")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def render_bench(result, console: Console) -> None:
+    """One table per section: images/s and the ratio to each row's baseline."""
+    env = result.environment
+    console.print(f"[bold]retino bench[/] on {env.get('gpu') or env.get('cpu')} ({env.get('cores')} cores), "
+                  f"torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}")
+    titles = {"data": "Data pipeline: one worker process, file -> training tensor",
+              "train": "Training step (forward + backward + AdamW), synthetic batches on the device",
+              "infer": "Inference"}
+    for section, title in titles.items():
+        rows = [r for r in result.rows if r.section == section]
+        if not rows:
+            continue
+        table = Table(title=title, title_justify="left")
+        for col in ("what", "device", "threads", "batch", "size", "img/s", "vs baseline"):
+            table.add_column(col, justify="left" if col in ("what", "device") else "right")
+        for r in rows:
+            ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+            style = "bold green" if (r.ratio or 0) >= 1.2 else ("red" if r.ratio is not None and r.ratio < 1 else "")
+            table.add_row(r.name, r.device, str(r.threads), str(r.batch), str(r.size),
+                          f"{r.images_per_second:,.1f}" + (f" ({r.note})" if r.note else ""),
+                          f"[{style}]{ratio}[/]" if style else ratio)
+        console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")

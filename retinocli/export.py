@@ -250,9 +250,6 @@ def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list
 def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_calib: int, say) -> dict[str, Any]:
     """Static QDQ int8, per-channel weights, calibrated on training images; val accuracy before/after."""
     import pandas as pd
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     split = run_dir / "split.csv"
     if not split.is_file():
@@ -270,29 +267,8 @@ def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_cal
     if not calib:
         raise RetinoError(f"--int8: none of the training images listed in {split} could be read for calibration")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, images: list[np.ndarray], batch: int = 16):
-            self.batches = iter([to_batch(images[i:i + batch], prep) for i in range(0, len(images), batch)])
-
-        def get_next(self):
-            x = next(self.batches, None)
-            return None if x is None else {"images": x}
-
     say(f"Calibrating int8 on {len(calib)} training images")
-    prepped = fp32_path.with_name("prepped.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-        quantize_static(str(prepped), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    # quantize_static does not promise to carry metadata_props over: copy them explicitly
-    import onnx
-
-    proto = onnx.load(out)
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(onnx.load(fp32_path, load_external_data=False).metadata_props)
-    onnx.save(proto, out)
+    quantize_int8(fp32_path, out, calib, prep)
 
     val = rows[(rows["split"] == "val") & rows["grade"].notna()]
     if val.empty:
@@ -317,3 +293,39 @@ def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_cal
         acc[name] = right / total if total else float("nan")
     return {"images": total, "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"],
             "calibration_images": len(calib)}
+
+
+def quantize_int8(fp32_path: Path, out: Path, images: list[np.ndarray], prep: Preprocess) -> None:
+    """Static int8 (QDQ, per-channel weights, MinMax ranges) calibrated on uint8 HWC ``images``.
+
+    QDQ keeps the graph valid for every provider (TensorRT reads the scales from it); S8S8 is
+    onnxruntime's recommended pairing on x86 with VNNI. The retino metadata is carried over.
+    """
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batch: int = 16):
+            self.batches = iter([to_batch(images[i:i + batch], prep) for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"images": x}
+
+    prepped = out.with_name(f".{out.stem}-prepped.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+            quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prepped.unlink(missing_ok=True)
+    # quantize_static does not promise to carry metadata_props over: copy them explicitly
+    proto = onnx.load(out)
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(onnx.load(fp32_path, load_external_data=False).metadata_props)
+    onnx.save(proto, out)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from retinocli.bench import Row, _ratios, timed
+from retinocli.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_quick_has_every_row_and_positive_speeds():
+    result = runner.invoke(app, ["bench", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    rows = d["rows"]
+    names = {(r["section"], r["name"], r["batch"]) for r in rows}
+    photo_label = next(r["name"] for r in rows if r["name"].startswith("reports' way, ") and "512 px" not in r["name"])
+    label = photo_label.removeprefix("reports' way, ")
+    for what in ("512 px JPEG", label):
+        for who in ("reports' way", "retino", "retino crop"):
+            assert ("data", f"{who}, {what}", 1) in names, (who, what)
+    for variant in ("fp32 NCHW", "bf16 autocast + channels_last"):
+        assert ("train", f"resnet18 {variant}", 4) in names
+    for batch in (1, 8):
+        assert ("infer", "resnet18 PyTorch eager fp32 (cpu)", batch) in names
+        for precision in ("fp32", "fp16", "int8"):
+            assert ("infer", f"resnet18 onnxruntime {precision} (cpu)", batch) in names
+    assert ("infer", "predict end to end, JPEG folder (cpu, fp32)", 8) in names
+    assert all(r["images_per_second"] > 0 for r in rows), [r for r in rows if r["images_per_second"] <= 0]
+    compared = [r for r in rows if r["baseline"]]
+    assert compared and all(r["ratio"] and r["ratio"] > 0 for r in compared)
+    assert d["environment"]["torch"] and d["environment"]["onnxruntime"] and d["environment"]["device"] == "cpu"
+
+
+def test_ratio_uses_the_baseline_of_the_same_batch_and_size():
+    rows = [Row("infer", "eager", "cpu", 2, 1, 32, 10.0), Row("infer", "eager", "cpu", 2, 8, 32, 40.0),
+            Row("infer", "ort", "cpu", 2, 1, 32, 25.0, baseline="eager"),
+            Row("infer", "ort", "cpu", 2, 8, 32, 60.0, baseline="eager")]
+    _ratios(rows)
+    assert rows[2].ratio == 2.5 and rows[3].ratio == 1.5 and rows[0].ratio is None
+
+
+def test_timed_counts_items_per_second():
+    calls = []
+
+    def work() -> int:
+        calls.append(1)
+        return 5
+
+    rate = timed(work, min_seconds=0.05, warmup=2)
+    assert len(calls) >= 3 and rate > 5  # thousands per second for a no-op, counted in items
+
+
+def test_bench_bad_options():
+    for args, text in ((["--size", "4"], "--size"), (["--batch-size", "0"], "--batch-size"),
+                       (["--photos", "/no/such/folder"], "--photos")):
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code == 2 and text in result.output, result.output
