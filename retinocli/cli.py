@@ -48,7 +48,7 @@ def check_output_file(path: Path | None, force: bool) -> None:
 
 # Options every command that reads a dataset shares.
 LayoutOpt = Annotated[Optional[str], typer.Option(
-    "--layout", help="Force a layout: course, kaggle, aptos, idrid, folders, csv (default: detect).")]
+    "--layout", help="Force a layout: course, kaggle, aptos, idrid, folders, csv, cache (default: detect).")]
 ImagesOpt = Annotated[Optional[Path], typer.Option(
     "--images", help="Folder holding the images, when not where the layout expects them.")]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Any label CSV (csv layout).")]
@@ -407,6 +407,47 @@ def compare(
     for line in result.done + [f"[yellow]note:[/] {n}" for n in result.notes]:
         console.print(line)
     console.print(f"Report: [bold]{result.markdown}[/]")
+
+
+@app.command()
+def prepare(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (any layout retino stats reads).")],
+    out: Annotated[Path, typer.Option(help="Cache folder to write (train on it with --data OUT).")],
+    size: Annotated[int, typer.Option(help="Square side in pixels; train with the same --img-size.")] = 512,
+    mode: Annotated[str, typer.Option(help="crop (to the fundus circle), none or graham.")] = "crop",
+    layout: LayoutOpt = None,
+    images: ImagesOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="jpeg (quality 95, 4:4:4) or png (lossless: "
+                                                      "bit-identical training).")] = "jpeg",
+    quality: Annotated[int, typer.Option(help="JPEG quality.")] = 95,
+    workers: Annotated[Optional[int], typer.Option(help="Processes (default one per core).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild a cache made with other settings.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Crop, resize and store every image once (parallel, resumable) so training never decodes a 4k photo."""
+    from retinocli import display
+    from retinocli.prepare import prepare as run_prepare
+
+    shown = err_console if json_out else console
+    with user_errors():
+        try:
+            with display.progress_bar(shown, "img") as bar:
+                result = run_prepare(data, out=out, size=size, mode=mode, layout=layout, images=images, fmt=fmt,
+                                     quality=quality, workers=workers, force=force, progress=bar)
+        except KeyboardInterrupt:
+            raise RetinoError(f"interrupted; run the same command again to finish {out}") from None
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    console.print(f"{out}: {result.count:,} images ({result.written:,} written now, {result.skipped:,} already "
+                  f"there), {result.bytes / 1e6:,.1f} MB, {result.images_per_second:,.1f} img/s")
+    for item in result.failed[:5]:
+        console.print(f"[yellow]unreadable:[/] {item['path']}: {item['reason']}")
+    if len(result.failed) > 5:
+        console.print(f"[yellow]... and {len(result.failed) - 5} more unreadable (listed in {out}/retino-cache.json)[/]")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"Next: [bold]retino train --data {out} --img-size {size} --preprocess none[/]")
 
 
 @app.command()

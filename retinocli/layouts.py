@@ -18,11 +18,14 @@ Plain Python and pandas; no torch. Layouts, auto-detected unless forced with ``l
     aptos    APTOS 2019: train.csv (id_code,diagnosis) + train_images/ (+ test.csv, test_images/)
     idrid    IDRiD 'B. Disease Grading' tree
     folders  one subfolder per grade, optionally under train/ val/ test/
+    cache    a preprocessed copy written by ``retino prepare``: retino-cache.json, labels.csv
+             and images/<split>/; recognised before every other layout
     csv      any CSV: csv=FILE, image_col=, label_col= (images= for the folder)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
-LAYOUTS = ("course", "kaggle", "aptos", "idrid", "folders", "csv")
+LAYOUTS = ("course", "kaggle", "aptos", "idrid", "folders", "cache", "csv")
 COLUMNS = ("image", "path", "found", "grade", "split", "patient", "eye")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
@@ -47,6 +50,10 @@ GRADE_FOLDER_NAMES = {"0": 0, "1": 1, "2": 2, "3": 3, "4": 4,
                       "moderate": 2, "moderatenpdr": 2,
                       "severe": 3, "severenpdr": 3,
                       "proliferative": 4, "proliferativedr": 4, "proliferatedr": 4, "pdr": 4}
+# The two files `retino prepare` writes at the root of a cache (see retinocli.prepare).
+CACHE_MANIFEST = "retino-cache.json"
+CACHE_LABELS = "labels.csv"
+CACHE_FORMAT = 1
 _PATIENT_EYE = re.compile(r"^(?P<patient>\d+)_(?P<eye>left|right)$", re.IGNORECASE)
 
 
@@ -430,23 +437,103 @@ def _load_folders(root: Path, images: Path | None, notes: list[str]) -> list[dic
     return rows
 
 
+def _detect_cache(root: Path) -> bool:
+    return (root / CACHE_MANIFEST).is_file()
+
+
+def read_cache_manifest(root: Path) -> dict:
+    """The settings a ``retino prepare`` cache was written with (its retino-cache.json).
+
+    Raises:
+        RetinoError: the file is not JSON, not a mapping, of another format, or lacks a setting.
+    """
+    path = root / CACHE_MANIFEST
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RetinoError(f"{path}: not a readable retino cache manifest ({reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise RetinoError(f"{path}: not a retino cache manifest of format {CACHE_FORMAT}")
+    size = meta.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not isinstance(meta.get("mode"), str):
+        raise RetinoError(f"{path}: the manifest has no valid size and mode")
+    return meta
+
+
+def _read_cache_labels(path: Path) -> list[dict]:
+    # The csv module, not read_table: names are kept exactly, spaces included.
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = [{k: (v or "") for k, v in row.items() if k is not None} for row in reader]
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RetinoError(f"{path}: not a readable CSV file ({reason})") from None
+    missing = [c for c in ("image", "file", "grade", "split") if c not in columns]
+    if missing:
+        raise RetinoError(f"{path}: expected columns image,file,grade,split; "
+                          f"found {','.join(columns) or 'nothing'}")
+    return rows
+
+
+def _load_cache(root: Path, images: Path | None, notes: list[str]) -> list[dict]:
+    if images is not None:
+        raise RetinoError(f"{root} is a retino cache with its images inside it; drop --images")
+    meta = read_cache_manifest(root)
+    labels = root / CACHE_LABELS
+    if meta.get("complete") is not True or not labels.is_file():
+        raise RetinoError(f"{root}: an unfinished retino cache (prepare was interrupted); "
+                          "run the same retino prepare command again to finish it")
+    table = _read_cache_labels(labels)
+    grades = parse_grades([r["grade"] for r in table], str(labels), first_line=2, allow_missing=True)
+    rows = []
+    for line, (r, grade) in enumerate(zip(table, grades), 2):
+        file = r["file"]
+        parts = file.replace("\\", "/").split("/")
+        if not file or file.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+            raise RetinoError(f"{labels}: line {line}: file {file!r} is not a path inside the cache")
+        split = split_name(r["split"])
+        if split is None:
+            raise RetinoError(f"{labels}: line {line}: unknown split {r['split']!r}; use train, val or test")
+        path = root.joinpath(*parts)
+        rows.append({"image": r["image"], "path": str(path), "found": path.is_file(), "grade": grade,
+                     "split": split, "patient": r.get("patient") or None, "eye": r.get("eye") or None})
+    notes.append(f"cache of {meta.get('source', '?')} preprocessed with {meta['mode']} at {meta['size']} px: "
+                 f"train with --preprocess none --img-size {meta['size']} for the same pixels")
+    failed = meta.get("failed") or []
+    if failed:
+        notes.append(f"{len(failed)} source image(s) could not be read and are not in the cache "
+                     f"(listed in {CACHE_MANIFEST})")
+    return rows
+
+
 DETECTORS: dict[str, Callable[[Path], bool]] = {
     "course": _detect_course, "kaggle": _detect_kaggle, "aptos": _detect_aptos,
-    "idrid": _detect_idrid, "folders": _detect_folders,
+    "idrid": _detect_idrid, "folders": _detect_folders, "cache": _detect_cache,
 }
 LOADERS = {"course": _load_course, "kaggle": _load_kaggle, "aptos": _load_aptos,
-           "idrid": _load_idrid, "folders": _load_folders}
+           "idrid": _load_idrid, "folders": _load_folders, "cache": _load_cache}
 LOOKED_FOR = ("course (train_img.csv + train_label.csv), kaggle (trainLabels.csv + train/), "
               "aptos (train.csv + train_images/), idrid ('B. Disease Grading' tree), "
-              "folders (grade subfolders 0-4, optionally under train/ val/ test/)")
+              "folders (grade subfolders 0-4, optionally under train/ val/ test/), "
+              "cache (retino-cache.json from retino prepare)")
 
 
 def detect_layout(root: Path) -> str:
     """Name the one layout ``root`` is in.
 
+    A ``retino prepare`` cache is recognised first: its labels must never be read as the
+    layout it was made from.
+
     Raises:
         RetinoError: no layout, or more than one, matches.
     """
+    if _detect_cache(root):
+        return "cache"
     hits = [name for name, detect in DETECTORS.items() if detect(root)]
     if len(hits) == 1:
         return hits[0]
