@@ -358,6 +358,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         best, best_epoch = state.get("best_metrics"), state.get("best_epoch")
         start_epoch = int(state["epoch"])
         run_dir = ckpt_path.parent
+        if rank == 0:  # half-written temporaries of a killed checkpoint or history write
+            for stale in run_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
     else:
         run_dir = new_run_dir(cfg.project, cfg.name, force=force) if rank == 0 else None
         if world > 1:
