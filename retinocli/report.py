@@ -319,9 +319,11 @@ def _epoch_axis(ax, last_epoch: int) -> None:
 
 
 def _percent_axis(ax) -> None:
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+    # ticks on whole percents (steps of 1, 2, 5 or 10 points), so a label never rounds 57.5 to 58
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10]))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))  # decimals from the view range
 
 
 def _grade_short(grade: int) -> str:
