@@ -91,11 +91,15 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
         ``(model, state)``; ``state`` is the checkpoint dict (config, preprocess, metrics...).
 
     Raises:
-        RetinoError: unreadable checkpoint, or weights that do not fit the stored architecture.
+        RetinoError: unreadable checkpoint, no preprocessing settings, or weights that do not fit
+            the stored architecture.
     """
     from retinocli.models import build_model
 
     state = load_checkpoint(path, map_location=map_location)
+    if not isinstance(state.get("preprocess"), dict):
+        # export and evaluate serve the model the pixels these settings describe
+        raise RetinoError(f"{path}: not a trained retino checkpoint (no preprocessing settings inside)")
     cfg = state["config"]
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     names = state.get("class_names") or []

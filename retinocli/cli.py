@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from retinocli.errors import RetinoError
 
@@ -36,7 +37,8 @@ def user_errors():
     try:
         yield
     except RetinoError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages quote shapes and file names, and "[batch, 3, 64, 64]" is not markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -212,7 +214,8 @@ def train(
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
                                      "best_epoch": result.best_epoch, "best": result.best_metrics,
-                                     "stopped": result.stopped, "history": result.history}, indent=2) + "\n")
+                                     "stopped": result.stopped, "notes": result.notes,
+                                     "history": result.history}, indent=2) + "\n")
         return
     display.render_training(result, console)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}

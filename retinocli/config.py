@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from retinocli.errors import RetinoError
@@ -75,6 +76,15 @@ class TrainConfig:
             raise RetinoError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
             raise RetinoError(f"--lr must be positive; got {self.lr}")
+        for key in ("weight_decay", "warmup_epochs"):
+            if getattr(self, key) < 0:
+                raise RetinoError(f"--{key.replace('_', '-')} must be 0 or more; got {getattr(self, key)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise RetinoError(f"--momentum must be in [0, 1); got {self.momentum}")
+        name = PurePath(self.name)
+        if not self.name.strip() or name.is_absolute() or ".." in name.parts or name == PurePath("."):
+            # the run folder is project/name: a name must not lead out of --project
+            raise RetinoError(f"--name must be a folder name inside --project; got {self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise RetinoError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.workers is not None and self.workers < 0:

@@ -133,23 +133,28 @@ class Scored:
 
 def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_size: int = 64,
                 threads: int | None = None, progress=None, description: str = "evaluate") -> Scored:
-    """Decode (threaded, overlapped with inference) and score every path; broken files are recorded."""
+    """Decode (threaded, overlapped with inference) and score every path; broken files are recorded.
+
+    A path listed twice (a duplicated label row) is decoded once and scored on both rows.
+    """
     from retinocli.predict import decode_batches
 
     k = len(backend.grade_names)
-    probs = np.full((len(paths), k), np.nan, np.float32)
-    where = {p: i for i, p in enumerate(paths)}
+    unique = list(dict.fromkeys(paths))
+    where = {p: i for i, p in enumerate(unique)}
+    scores = np.full((len(unique), k), np.nan, np.float32)
     errors: dict[str, str] = {}
-    task = progress.add_task(description, total=len(paths), postfix="") if progress is not None else None
+    task = progress.add_task(description, total=len(unique), postfix="") if progress is not None else None
     start = time.perf_counter()
-    for batch in decode_batches(paths, backend.preprocess, batch_size=batch_size, threads=threads):
+    for batch in decode_batches(unique, backend.preprocess, batch_size=batch_size, threads=threads):
         for path, reason in batch.errors:
             errors[str(path)] = reason
         if len(batch.good):
             out = predict_probs(backend, to_batch(batch.images, backend.preprocess), tta=tta)
-            probs[[where[str(p)] for p in batch.good]] = out
+            scores[[where[str(p)] for p in batch.good]] = out
         if task is not None:
             progress.update(task, advance=len(batch.paths))
+    probs = scores[[where[p] for p in paths]] if paths else scores
     return Scored(paths=list(paths), probs=probs, errors=errors, seconds=time.perf_counter() - start)
 
 
@@ -158,7 +163,8 @@ def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_
 
 def split_records(backend: Backend, *, data: str | Path | None, split: str, layout: str | None = None,
                   images: str | Path | None = None):
-    """Image paths and true grades of ``split``: from ``data`` when given, else the run's split.csv.
+    """Image names, paths and true grades of ``split``, where they came from, and how many listed
+    images are missing on disk: from ``data`` when given, else the run's split.csv.
 
     The run's own split.csv is the only place its carved-out validation split exists, and it
     records the test split the run was trained beside.
@@ -179,16 +185,18 @@ def split_records(backend: Backend, *, data: str | Path | None, split: str, layo
         raise RetinoError(f"{backend.path}: its training run is not here to say which images are "
                           f"{split}; pass --data DATA")
     rows = records[records["split"] == split]
-    if "found" in rows:
-        rows = rows[rows["found"].astype(bool)]
     rows = rows[rows["grade"].notna()]
+    missing = 0
+    if "found" in rows:
+        missing = int((~rows["found"].astype(bool)).sum())
+        rows = rows[rows["found"].astype(bool)]
     if rows.empty:
         have = sorted(set(records["split"].dropna()))
         hint = " (the validation split is carved by training: omit --data to use the run's)" if split == "val" else ""
         raise RetinoError(f"{source} has no labelled {split} images (splits there: "
                           f"{', '.join(have) or 'none'}){hint}")
     return rows["image"].astype(str).tolist(), rows["path"].astype(str).tolist(), \
-        rows["grade"].astype(int).to_numpy(), source
+        rows["grade"].astype(int).to_numpy(), source, missing
 
 
 # ------------------------------------------------------------------------- evaluate
@@ -227,13 +235,16 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv."""
     if batch_size < 1:
         raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise RetinoError(f"--threads must be >= 1, got {threads}")
     backend = open_model(target, device=device, provider=provider, threads=threads)
     out_dir = Path(out) if out is not None else default_out_dir(backend)
     metrics_path, predictions_path = out_dir / "metrics.json", out_dir / "predictions.csv"
     for p in (metrics_path, predictions_path):
         if p.exists() and not force:
             raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
-    names, paths, grades, source = split_records(backend, data=data, split=split, layout=layout, images=images)
+    names, paths, grades, source, missing = split_records(backend, data=data, split=split, layout=layout,
+                                                          images=images)
 
     scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, progress=progress)
     ok = ~np.isnan(scored.probs).any(axis=1)
@@ -250,7 +261,8 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         "model": str(backend.path), "kind": backend.kind,
         "run": str(backend.run_dir) if backend.run_dir else None, **backend.info,
         "data": source, "split": split, "tta": tta, "runtime": backend.runtime,
-        "n_images": len(paths), "n_unreadable": int((~ok).sum()), "seconds": round(scored.seconds, 3),
+        "n_images": len(paths), "n_unreadable": int((~ok).sum()), "n_missing": missing,
+        "seconds": round(scored.seconds, 3),
         "images_per_second": round(len(paths) / max(scored.seconds, 1e-9), 1),
         "grade_names": list(backend.grade_names), "metrics": summary,
         "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
@@ -261,6 +273,8 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, metrics_path)
     notes = list(backend.notes)
+    if missing:
+        notes.append(f"{missing} listed {split} image(s) are missing on disk and are left out of the metrics")
     if scored.errors:
         first = next(iter(scored.errors.items()))
         notes.append(f"{len(scored.errors)} image(s) could not be read and are left out of the metrics, "

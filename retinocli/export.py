@@ -64,6 +64,8 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
         raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
     if opset < 17:
         raise RetinoError(f"--opset must be >= 17, got {opset}")
+    if calibration_images < 1:
+        raise RetinoError(f"--calibration-images must be >= 1, got {calibration_images}")
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     say = console.print if console is not None else (lambda *a, **k: None)
     start = time.perf_counter()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -411,9 +412,13 @@ def _detect_folders(root: Path) -> bool:
     return len(_grade_folders(root)) >= 2 or bool(_split_folders(root))
 
 
+def _reraise(exc: OSError) -> None:
+    raise exc  # os.walk would skip a folder it cannot list, and its images with it
+
+
 def _walk_images(folder: Path) -> list[Path]:
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_reraise, followlinks=False):
         dirnames.sort()
         found += [Path(dirpath) / f for f in sorted(filenames)
                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
@@ -563,7 +568,8 @@ def load_dataset(root: str | Path | None = None, *, layout: str | None = None,
         RetinoError: missing folder, unknown or ambiguous layout, bad label files, no images.
     """
     if csv is not None or layout == "csv":
-        return _load_csv_layout(root, csv, image_col, label_col, images, split)
+        with _readable():
+            return _load_csv_layout(root, csv, image_col, label_col, images, split)
     if root is None:
         raise RetinoError("no dataset folder given")
     root = Path(root).expanduser()
@@ -577,12 +583,22 @@ def load_dataset(root: str | Path | None = None, *, layout: str | None = None,
     if images_dir is not None and not images_dir.is_dir():
         raise RetinoError(f"--images: no such folder: {images_dir}")
     root = Path(os.path.abspath(root))
-    name = layout or detect_layout(root)
     notes: list[str] = []
-    rows = LOADERS[name](root, images_dir, notes)
+    with _readable():
+        name = layout or detect_layout(root)
+        rows = LOADERS[name](root, images_dir, notes)
     if not rows:
         raise RetinoError(f"{root}: the {name} layout was found but lists no images")
     return Dataset(root=root, layout=name, records=_records(rows), notes=notes)
+
+
+@contextmanager
+def _readable():
+    """A folder or label file this user may not read is one clear error, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise RetinoError(f"cannot read {exc.filename or 'the dataset'}: {exc.strerror or exc}") from None
 
 
 def _load_csv_layout(root, csv, image_col, label_col, images, split) -> Dataset:

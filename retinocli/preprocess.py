@@ -136,10 +136,13 @@ def load_image(
     value needs (a 12-bit sensor's 4095 becomes 255), not clipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RetinoError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
-    if path.stat().st_size == 0:
-        raise RetinoError(f"{path}: empty file")
+    try:
+        if not path.is_file():
+            raise RetinoError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
+        if path.stat().st_size == 0:
+            raise RetinoError(f"{path}: empty file")
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise RetinoError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
         with open(path, "rb") as fh:
             with warnings.catch_warnings():
@@ -160,6 +163,8 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise RetinoError(f"{path}: cannot identify image file") from None
+    except PermissionError:
+        raise RetinoError(f"{path}: permission denied") from None
     except Image.DecompressionBombError as exc:
         raise RetinoError(f"{path}: image too large: {exc} (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:

@@ -509,6 +509,12 @@ class OnnxGrader:
                 d not in (size, None) for d in static[2:]):
             raise RetinoError(f"{self.path}: input 'images' has shape {shape}, but its metadata "
                               f"asks for [batch, 3, {size}, {size}]")
+        k = self.info.num_grades
+        for out in self.session.get_outputs():
+            width = out.shape[-1] if out.name in OUTPUT_NAMES and out.shape else None
+            if isinstance(width, int) and width != k:
+                raise RetinoError(f"{self.path}: output '{out.name}' has {width} grades, but its metadata "
+                                  f"names {k} ({', '.join(self.info.grade_names)})")
 
     @property
     def grade_names(self) -> tuple[str, ...]:
@@ -537,6 +543,9 @@ class OnnxGrader:
             raise RetinoError(f"{self.path}: onnxruntime failed on a batch of {len(x)} on "
                               f"{self.provider}: {_ort_reason(exc)}; a smaller --batch-size "
                               "may help") from None
+        if probs.ndim != 2 or probs.shape[1] != self.info.num_grades:  # a dynamic output axis
+            raise RetinoError(f"{self.path}: the model gave outputs of shape {list(probs.shape)}, but its "
+                              f"metadata names {self.info.num_grades} grades")
         return np.asarray(logits, np.float32), np.asarray(probs, np.float32)
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -54,6 +54,26 @@ class RunResult:
 # ---------------------------------------------------------------------------- set-up
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
+
+
+def load_resume_state(path: Path) -> dict:
+    """The checkpoint ``--resume`` continues from, checked for what resuming reads.
+
+    Raises:
+        RetinoError: unreadable, or not a last.pt/best.pt that ``retino train`` wrote.
+    """
+    state = load_checkpoint(path)
+    lacks = [k for k in RESUME_KEYS if k not in state]
+    if lacks:
+        raise RetinoError(f"{path}: cannot resume from it, it lacks {', '.join(lacks)} "
+                          "(retino train writes them into last.pt and best.pt)")
+    epoch = state["epoch"]
+    if not isinstance(state["config"], dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise RetinoError(f"{path}: cannot resume from it, its config or epoch is not what retino train writes")
+    return state
+
+
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA (this rank's GPU), then MPS, then CPU; anything named must exist."""
     if spec == "auto":
@@ -271,7 +291,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     if resume is not None:
         resume = Path(resume)
         ckpt_path = resume / "last.pt" if resume.is_dir() else resume
-        state = load_checkpoint(ckpt_path)
+        state = load_resume_state(ckpt_path)
         cfg = TrainConfig.from_dict(state["config"])
         if state["epoch"] >= cfg.epochs:
             raise RetinoError(f"{ckpt_path} already finished all {cfg.epochs} epochs")
@@ -323,7 +343,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
     model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small)
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # the weights of another arch or head size than its config says
+            raise RetinoError(f"{ckpt_path}: cannot resume, its weights do not fit {cfg.arch} with "
+                              f"{NUM_GRADES} grades ({str(exc).strip().splitlines()[0][:160]})") from None
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -463,7 +487,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     failures = train_set.failures + val_set.failures  # paths are known only without worker processes
     result_notes = []
     if unreadable:
-        example = f", e.g. {failures[0][0]}: {failures[0][1]}" if failures else ""
+        example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
         result_notes.append(f"{unreadable} image(s) per epoch could not be read and were skipped{example}")
     return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
                      history=history, stopped=stopped, notes=result_notes)
