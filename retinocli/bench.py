@@ -298,7 +298,9 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
                                 torch.get_num_threads(), batch, size,
                                 timed(eager_half, min_seconds=min_seconds, sync=sync), baseline=base))
         for (provider, precision), grader in graders.items():
-            base = f"{arch} PyTorch eager fp32 ({'cpu' if provider == 'cpu' else 'cuda'})"
+            # fp32 is compared with PyTorch eager; fp16 and int8 with fp32 on the same provider
+            base = (f"{arch} PyTorch eager fp32 ({'cpu' if provider == 'cpu' else 'cuda'})" if precision == "fp32"
+                    else f"{arch} onnxruntime fp32 ({provider})")
 
             def onnx_run(grader=grader, x=x) -> int:
                 grader.run(x)

@@ -300,8 +300,11 @@ def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_cal
 def quantize_int8(fp32_path: Path, out: Path, images: list[np.ndarray], prep: Preprocess) -> None:
     """Static int8 (QDQ, per-channel weights, MinMax ranges) calibrated on uint8 HWC ``images``.
 
-    QDQ keeps the graph valid for every provider (TensorRT reads the scales from it); S8S8 is
-    onnxruntime's recommended pairing on x86 with VNNI. The retino metadata is carried over.
+    QDQ keeps the graph valid for every provider (TensorRT reads the scales from it). Activations
+    are uint8 and weights int8 (U8S8): onnxruntime's CPU provider fuses that pair into its
+    integer convolution kernels, while S8S8 convolutions ran slower than fp32 (ResNet50, 224 px,
+    batch 8 on a 2-core Xeon with VNNI: U8S8 121 img/s, S8S8 33, fp32 41). The retino metadata
+    is carried over.
     """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -322,7 +325,7 @@ def quantize_int8(fp32_path: Path, out: Path, images: list[np.ndarray], prep: Pr
             warnings.simplefilter("ignore")
             quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
             quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
     finally:
         prepped.unlink(missing_ok=True)

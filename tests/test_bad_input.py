@@ -1012,3 +1012,15 @@ def test_inventory_is_complete():
         names = [name for name, _ in rows]
         assert len(names) == len(set(names)), command
         assert all(behaviour for _, behaviour in rows)
+
+
+def test_reliability_md_counts_match_the_cases():
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "RELIABILITY.md").read_text()
+    for command, cases in CASES.items():
+        row = re.search(rf"^\| {command} \| (\d+) \|", text, flags=re.M)
+        assert row and int(row.group(1)) == len(cases), f"RELIABILITY.md summary row for {command}"
+        assert f"### {command} ({len(cases)} cases)" in text
+        for case, _ in cases:
+            assert f"| {case} |" in text, f"{command}: {case} missing from RELIABILITY.md"
