@@ -212,7 +212,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.report, "metrics_path": str(self.metrics_path),
-                "predictions_path": str(self.predictions_path)}
+                "predictions_path": str(self.predictions_path), "notes": self.notes}
 
 
 def default_out_dir(backend: Backend) -> Path:

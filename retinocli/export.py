@@ -64,6 +64,11 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
         raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
     if opset < 17:
         raise RetinoError(f"--opset must be >= 17, got {opset}")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise RetinoError(f"--opset {opset} is newer than onnx {onnx.__version__} knows "
+                          f"(up to {onnx.defs.onnx_opset_version()})")
     if calibration_images < 1:
         raise RetinoError(f"--calibration-images must be >= 1, got {calibration_images}")
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
@@ -97,6 +102,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
         else:
             _torch_export(wrapped, prep.size, fp32_path, opset)
             proto = onnx.load(fp32_path)
+        proto = _at_opset(proto, opset)
         _set_metadata(proto, state, ckpt, precision)
         if precision == "int8":
             onnx.save(proto, fp32_path)
@@ -146,6 +152,11 @@ def _torch_export(wrapped, size: int, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if opset < 18:  # the torch.export exporter writes opset 18 and up only
+            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=["logits", "probs"],
+                              opset_version=opset, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in ("images", "logits", "probs")})
+            return
         try:
             torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=["logits", "probs"],
                               dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
@@ -159,6 +170,14 @@ def _torch_export(wrapped, size: int, path: Path, opset: int) -> None:
             except Exception as exc2:
                 raise RetinoError(f"ONNX export failed: {first}; TorchScript exporter: "
                                   f"{str(exc2).splitlines()[0][:160]}") from None
+
+
+def _at_opset(proto, opset: int):
+    """Check the model is at exactly the ``--opset`` asked for."""
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise RetinoError(f"the exporter wrote opset {written}, not the --opset {opset} asked for")
+    return proto
 
 
 def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:

@@ -132,7 +132,11 @@ def test_cli_export_json_and_bad_options(exported, tmp_path):
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
     assert d["path"] == str(out) and d["parity"]["max_abs_diff_probs"] < 1e-4 and d["parity"]["batches"] == [1, 7]
-    for args, text in ((["--opset", "12"], "opset"), (["--fp16", "--int8"], "exclude"),
+    old = runner.invoke(app, ["export", str(exported), "--out", str(tmp_path / "o17.onnx"), "--opset", "17"])
+    assert old.exit_code == 0, old.output
+    assert onnx.load(tmp_path / "o17.onnx").opset_import[0].version == 17  # exactly what was asked
+    for args, text in ((["--opset", "12"], "opset"), (["--opset", "99"], "newer than onnx"),
+                       (["--fp16", "--int8"], "exclude"),
                        (["--out", str(tmp_path / "m.txt")], ".onnx")):
         bad = runner.invoke(app, ["export", str(exported), *args])
         assert bad.exit_code == 2 and text in bad.output, (args, bad.output)
