@@ -106,7 +106,15 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
         say(f"Continuing the comparison in {parent}")
     elif parent.exists() and any(parent.iterdir()) and not plan_file.is_file() and not force:
         raise RetinoError(f"{parent} exists and is not a comparison; pick another --name or pass --force")
-    # Fail before hours of training, not in the middle: every pretrained cell needs its weights.
+    # Fail before hours of training, not in the middle: the split to evaluate on must exist and
+    # every pretrained cell needs its weights.
+    if split != "val":  # training carves a validation split when the dataset has none
+        from retinocli.layouts import load_dataset
+
+        records = load_dataset(base.data, layout=base.layout, images=base.images).records
+        if not (records["split"].eq(split) & records["grade"].notna()).any():
+            raise RetinoError(f"{base.data} has no labelled {split} split to evaluate on; "
+                              f"pass --split val to evaluate on the validation split")
     for arch in sorted({c.arch for c in cells if c.pretrained}):
         load_imagenet_state(arch, "DEFAULT")
     parent.mkdir(parents=True, exist_ok=True)

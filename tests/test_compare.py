@@ -66,3 +66,16 @@ def test_pretrained_cells_need_their_weights_before_anything_trains(synth_data, 
                                  "--epochs", "1", "--project", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "resnet18-f37072fd.pth" in result.output
     assert not (tmp_path / "runs" / "compare" / "resnet18-imagenet").exists()
+
+
+def test_a_missing_test_split_is_refused_before_training(tmp_path):
+    from conftest import write_image
+
+    for grade in range(5):
+        for i in range(2):
+            write_image(tmp_path / "data" / str(grade) / f"{grade}_{i}.png", seed=grade * 10 + i)
+    result = runner.invoke(app, ["compare", "--data", str(tmp_path / "data"), "--arch", "resnet18",
+                                 "--pretrained", "no", "--img-size", "32", "--epochs", "1",
+                                 "--project", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no labelled test split" in result.output and "--split val" in result.output
+    assert not (tmp_path / "runs").exists()
