@@ -19,7 +19,6 @@ clock is read. Nothing here is asserted: targets live in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import tempfile
@@ -230,7 +229,8 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
     import onnxruntime as ort
     import torch
 
-    from retinocli.export import _torch_export, _with_probs, quantize_int8
+    from retinocli import GRADE_NAMES
+    from retinocli.export import quantize_int8, to_onnx
     from retinocli.models import build_model
     from retinocli.runtime import OnnxGrader, set_metadata
 
@@ -238,12 +238,11 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
     model = build_model(arch).eval()
     prep = Preprocess(size=size, mode="none")
     paths: dict[str, Path] = {}
-    meta = {"grade_names": ["No DR", "Mild", "Moderate", "Severe", "Proliferative"], "preprocess": prep.to_dict(),
+    meta = {"grade_names": list(GRADE_NAMES), "preprocess": prep.to_dict(),
             "arch": arch}
     for precision in ("fp32", "fp16"):
         path = tmp / f"{arch}-{size}-{precision}.onnx"
-        net = copy.deepcopy(model)  # half=True converts its network in place
-        _torch_export(_with_probs(net, half=precision == "fp16").eval(), size, path, 18)
+        to_onnx(model, size, path, half=precision == "fp16")
         proto = onnx.load(path)
         set_metadata(proto, {**meta, "precision": precision})
         onnx.save(proto, path)

@@ -61,12 +61,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def newest_run_checkpoint(root: str | Path = "runs") -> Path:
     """The ``best.pt`` most recently written anywhere under ``root`` (the newest run)."""
-    root = Path(root)
-    found = [p for p in root.rglob("best.pt") if p.is_file()] if root.is_dir() else []
-    if not found:
-        raise RetinoError(f"no trained run under {root}/ (no best.pt); run `retino train` first "
-                          f"or name a run folder or checkpoint")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    from retinocli.runs import newest
+
+    return newest(root, "best.pt", f"no trained run under {root}/ (no best.pt); run `retino train` first "
+                                   f"or name a run folder or checkpoint")
 
 
 def resolve_checkpoint(target: str | Path | None, root: str | Path = "runs") -> Path:

@@ -283,7 +283,10 @@ def report(
 
     with user_errors():
         if not runs:
-            runs = [_newest_run()]
+            from retinocli.runs import newest
+
+            runs = [newest("runs", "history.csv", "no training run under runs/; run `retino train` first "
+                                                  "or name run folders").parent]
             console.print(f"Reporting the newest run: {runs[0]}")
         target = out if out is not None else Path("reports") / runs[0].name
         result = write_report(list(runs), target, svg=svg, force=force, title=title)
@@ -344,7 +347,7 @@ def predict(
 ) -> None:
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
     from retinocli import display
-    from retinocli.predict import predict_folder, render_predict_summary
+    from retinocli.predict import predict_folder
     from retinocli.runtime import OnnxGrader, newest_model
 
     with user_errors():
@@ -363,7 +366,7 @@ def predict(
         with display.progress_bar(console, "img") as bar:
             summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
                                      resume=resume, force=force, json_lines=json_out, progress=bar)
-    render_predict_summary(summary, list(grader.info.grade_names), console)
+    display.render_predict_summary(summary, list(grader.info.grade_names), console)
     if strict and summary.errors:
         raise typer.Exit(1)
 
@@ -492,14 +495,6 @@ def bench(
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     display.render_bench(result, console)
-
-
-def _newest_run(root: Path = Path("runs")) -> Path:
-    """The run folder whose history.csv was written last (torch-free, unlike the checkpoint helpers)."""
-    found = list(root.rglob("history.csv")) if root.is_dir() else []
-    if not found:
-        raise RetinoError(f"no training run under {root}/; run `retino train` first or name run folders")
-    return max(found, key=lambda p: p.stat().st_mtime).parent
 
 
 def _list_archs(json_out: bool) -> None:

@@ -12,7 +12,7 @@ from retinocli import GRADE_NAMES
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
+    return "-" if x is None or x != x else f"{x:.1%}"
 
 
 def balance_table(split: str, s: dict) -> Table:
@@ -126,10 +126,6 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or x != x else f"{x:.{digits}f}"
 
 
-def _pct_or_dash(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.1%}"
-
-
 def confusion_table(cm: list[list[int]], names: list[str], title: str) -> Table:
     """True grades as rows, predictions as columns: count and row share, diagonal highlighted."""
     table = Table(title=title, title_justify="left", show_lines=False, padding=(0, 1))
@@ -162,8 +158,8 @@ def render_evaluation(report: dict, console: Console) -> None:
     for col in ("grade", "precision", "recall", "F1", "support"):
         per.add_column(col, justify="right" if col != "grade" else "left")
     for row in m["per_class"]:
-        per.add_row(f"{row['grade']} {row['name']}", _pct_or_dash(row["precision"]), _pct_or_dash(row["recall"]),
-                    _pct_or_dash(row["f1"]), f"{row['support']:,}")
+        per.add_row(f"{row['grade']} {row['name']}", _pct(row["precision"]), _pct(row["recall"]),
+                    _pct(row["f1"]), f"{row['support']:,}")
     console.print(per)
     ref = m["referable"]
     summary = Table(title="summary", title_justify="left", show_header=False)
@@ -171,14 +167,14 @@ def render_evaluation(report: dict, console: Console) -> None:
     summary.add_column("value", justify="right")
     gap = m["accuracy_gap"]
     gap_style = "bold red" if gap < 0.01 else "green"
-    summary.add_row("accuracy", f"[bold]{_pct_or_dash(m['accuracy'])}[/]")
-    summary.add_row(f"majority baseline (always grade {m['majority_grade']})", _pct_or_dash(m["majority_accuracy"]))
+    summary.add_row("accuracy", f"[bold]{_pct(m['accuracy'])}[/]")
+    summary.add_row(f"majority baseline (always grade {m['majority_grade']})", _pct(m["majority_accuracy"]))
     summary.add_row("gap to baseline", f"[{gap_style}]{gap * 100:+.1f} points[/]")
-    summary.add_row("balanced accuracy", _pct_or_dash(m["balanced_accuracy"]))
-    summary.add_row("macro F1", _pct_or_dash(m["macro_f1"]))
+    summary.add_row("balanced accuracy", _pct(m["balanced_accuracy"]))
+    summary.add_row("macro F1", _pct(m["macro_f1"]))
     summary.add_row("quadratic weighted kappa", _num(m["qwk"]))
-    summary.add_row("referable DR (grade >= 2) sensitivity", _pct_or_dash(ref["sensitivity"]))
-    summary.add_row("referable DR specificity", _pct_or_dash(ref["specificity"]))
+    summary.add_row("referable DR (grade >= 2) sensitivity", _pct(ref["sensitivity"]))
+    summary.add_row("referable DR specificity", _pct(ref["specificity"]))
     summary.add_row("referable DR ROC AUC", _num(ref.get("auc")))
     summary.add_row("one-vs-rest macro AUC", _num(m.get("ovr_macro_auc")))
     console.print(summary)
@@ -227,3 +223,32 @@ def render_bench(result, console: Console) -> None:
         console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def render_predict_summary(summary, grade_names: list[str], console: Console) -> None:
+    """Print predictions per grade, referable count, unreadable files, speed and provider."""
+    from rich.markup import escape
+
+    from retinocli.metrics import REFERABLE_GRADE
+
+    graded = sum(summary.counts)
+    table = Table(title=f"{summary.out}: {summary.total:,} images", title_justify="left",
+                  show_footer=True)
+    table.add_column("grade", footer="graded")
+    table.add_column("name")
+    table.add_column("images", justify="right", footer=f"{graded:,}")
+    table.add_column("share", justify="right", footer="100%" if graded else "-")
+    for g, (name, n) in enumerate(zip(grade_names, summary.counts)):
+        table.add_row(str(g), escape(name), f"{n:,}", f"{n / graded:.1%}" if graded else "-")
+    share = f" ({summary.referable / graded:.1%})" if graded else ""
+    table.caption = f"referable DR (grade >= {REFERABLE_GRADE}): [bold]{summary.referable:,}[/]{share}"
+    table.caption_justify = "left"
+    console.print(table)
+    if summary.errors:
+        console.print(f"[red]{summary.errors:,} unreadable[/] (status \"error\" in the output)")
+        for path, reason in summary.error_examples:
+            console.print(f"  {escape(path)}: {escape(reason)}")
+    console.print(f"{summary.done_now:,} graded now, {summary.skipped:,} resumed; "
+                  f"{summary.images_per_second:,.1f} img/s on [cyan]{summary.provider}[/]")
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")

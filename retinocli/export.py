@@ -85,35 +85,31 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     say(f"Exporting {ckpt} (epoch {state.get('epoch')}, {state['config'].get('arch')}) -> {out} [{precision}]")
 
     wrapped = _with_probs(model).eval()
-    run_dir = ckpt.parent
-    sample = _sample_images(run_dir, prep, 8)
+    split_csv = ckpt.parent / "split.csv"
+    rows = _read_split(split_csv)
+    sample = _sample_images(rows, prep, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
+        exported = Path(tmp) / "exported.onnx"
         final = Path(tmp) / "final.onnx"
         import onnx
 
         notes: list[str] = []
         quantization = None
-        if precision == "fp16":
-            # half weights and activations inside, float32 in and out: callers never cast
-            _torch_export(_with_probs(copy.deepcopy(model), half=True).eval(), prep.size, final, opset)
-            proto = onnx.load(final)
-        else:
-            _torch_export(wrapped, prep.size, fp32_path, opset)
-            proto = onnx.load(fp32_path)
-        proto = _at_opset(proto, opset)
+        # fp16: half weights and activations inside, float32 in and out, so callers never cast
+        to_onnx(model, prep.size, exported, opset=opset, half=precision == "fp16")
+        proto = _at_opset(onnx.load(exported), opset)
         _set_metadata(proto, state, ckpt, precision)
         if precision == "int8":
-            onnx.save(proto, fp32_path)
-            quantization = _quantize(fp32_path, final, run_dir, prep, calibration_images, say)
+            onnx.save(proto, exported)
+            quantization = _quantize(exported, final, rows, split_csv, prep, calibration_images, say)
         else:
             onnx.save(proto, final)
         try:
             onnx.checker.check_model(str(final), full_check=True)
         except Exception as exc:
             raise RetinoError(f"exported model failed onnx.checker: {str(exc).splitlines()[0]}") from None
-        parity = _parity(wrapped, final, sample, precision, notes)
+        parity = _parity(wrapped, final, to_batch(list(sample), prep), precision, notes)
         os.replace(final, out)
     if quantization is not None:
         notes.append(f"int8 val accuracy {quantization['accuracy_int8']:.1%} vs fp32 "
@@ -121,6 +117,15 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     return ExportResult(path=out, checkpoint=ckpt, precision=precision, opset=opset,
                         size_bytes=out.stat().st_size, seconds=round(time.perf_counter() - start, 2),
                         parity=parity, quantization=quantization, notes=notes)
+
+
+def to_onnx(model, size: int, path: Path, *, opset: int = OPSET, half: bool = False) -> None:
+    """Write ``model`` (a grading network) with ``logits`` and ``probs`` outputs to ``path``.
+
+    ``half`` exports a float16 copy; ``model`` itself is left as it is.
+    """
+    net = copy.deepcopy(model) if half else model
+    _torch_export(_with_probs(net, half=half).eval(), size, path, opset)
 
 
 def _with_probs(net, *, half: bool = False):
@@ -196,26 +201,36 @@ def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
     proto.doc_string = f"retino diabetic-retinopathy grader ({cfg.get('arch')}, {precision})"
 
 
-def _sample_images(run_dir: Path, prep: Preprocess, n: int) -> np.ndarray:
+def _read_split(path: Path):
+    """The run's split.csv (image, path, grade, split, ...), or None when the run has none."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"path": str}) if path.is_file() else None
+
+
+def _readable(paths, prep: Preprocess, n: int) -> list[np.ndarray]:
+    """The first ``n`` of ``paths`` that decode, prepared as uint8 HWC."""
+    out: list[np.ndarray] = []
+    for path in paths:
+        if len(out) == n:
+            break
+        try:
+            out.append(load_and_prepare(path, prep))
+        except (RetinoError, OSError):
+            continue
+    return out
+
+
+def _sample_images(rows, prep: Preprocess, n: int) -> np.ndarray:
     """Up to ``n`` real images of the run (val first, then train), prepared as uint8 NHWC.
 
     Parity on real fundus pixels exercises the value ranges a model meets; random noise is the
     fallback when the run's images are gone.
     """
-    import pandas as pd
-
     out: list[np.ndarray] = []
-    split = run_dir / "split.csv"
-    if split.is_file():
-        rows = pd.read_csv(split, dtype={"path": str})
-        rows = pd.concat([rows[rows["split"] == "val"], rows[rows["split"] == "train"]])
-        for path in rows["path"].head(4 * n):
-            try:
-                out.append(load_and_prepare(path, prep))
-            except (RetinoError, OSError):
-                continue
-            if len(out) == n:
-                break
+    if rows is not None:
+        paths = list(rows.loc[rows["split"] == "val", "path"]) + list(rows.loc[rows["split"] == "train", "path"])
+        out = _readable(paths[: 4 * n], prep, n)
     rng = np.random.default_rng(0)
     while len(out) < n:
         out.append(rng.integers(0, 256, (prep.size, prep.size, 3), dtype=np.uint8))
@@ -230,17 +245,10 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list[str]) -> dict[str, Any]:
-    """Largest |difference| of PyTorch and onnxruntime (CPU) outputs at batch 1 and 7."""
+def _parity(wrapped, path: Path, x: np.ndarray, precision: str, notes: list[str]) -> dict[str, Any]:
+    """Largest |difference| of PyTorch and onnxruntime (CPU) outputs at batch 1 and 7 of ``x``."""
     import torch
 
-    from retinocli.runtime import parse_metadata
-
-    import onnx
-
-    prep = parse_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props},
-                          path).preprocess
-    x = to_batch(list(sample[: max(PARITY_BATCHES)]) if len(sample) >= max(PARITY_BATCHES) else list(sample), prep)
     try:
         session = _session(path)
     except Exception as exc:
@@ -251,7 +259,7 @@ def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list
         raise RetinoError(f"onnxruntime cannot load the exported model: {str(exc).splitlines()[0]}") from None
     d_probs = d_logits = 0.0
     for b in PARITY_BATCHES:
-        xb = x[:b] if b <= len(x) else np.concatenate([x] * (b // len(x) + 1))[:b]
+        xb = x[:b]
         with torch.no_grad():
             logits_t, probs_t = (t.numpy() for t in wrapped(torch.from_numpy(xb)))
         logits_o, probs_o = session.run(["logits", "probs"], {"images": xb})
@@ -259,7 +267,7 @@ def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list
             raise RetinoError(f"ONNX output shape {logits_o.shape} != PyTorch {logits_t.shape} at batch {b}")
         d_probs = max(d_probs, float(np.abs(probs_o.astype(np.float32) - probs_t).max()))
         d_logits = max(d_logits, float(np.abs(logits_o.astype(np.float32) - logits_t).max()))
-    result = {"checked": True, "batches": list(PARITY_BATCHES), "images": int(len(x)),
+    result = {"checked": True, "batches": list(PARITY_BATCHES), "images": max(PARITY_BATCHES),
               "max_abs_diff_probs": d_probs, "max_abs_diff_logits": d_logits}
     limit = PARITY_TOLERANCE.get(precision)
     if limit is not None and d_probs > limit:
@@ -268,51 +276,30 @@ def _parity(wrapped, path: Path, sample: np.ndarray, precision: str, notes: list
     return result
 
 
-def _quantize(fp32_path: Path, out: Path, run_dir: Path, prep: Preprocess, n_calib: int, say) -> dict[str, Any]:
+def _quantize(fp32_path: Path, out: Path, rows, split_csv: Path, prep: Preprocess, n_calib: int,
+              say) -> dict[str, Any]:
     """Static QDQ int8, per-channel weights, calibrated on training images; val accuracy before/after."""
-    import pandas as pd
+    from retinocli.evaluate import open_model, score_paths
 
-    split = run_dir / "split.csv"
-    if not split.is_file():
-        raise RetinoError(f"--int8 calibrates on the run's training images, but {split} is missing")
-    rows = pd.read_csv(split, dtype={"path": str})
+    if rows is None:
+        raise RetinoError(f"--int8 calibrates on the run's training images, but {split_csv} is missing")
     train = rows[rows["split"] == "train"].sample(frac=1.0, random_state=0)
-    calib: list[np.ndarray] = []
-    for path in train["path"]:
-        try:
-            calib.append(load_and_prepare(path, prep))
-        except (RetinoError, OSError):
-            continue
-        if len(calib) >= n_calib:
-            break
+    calib = _readable(train["path"], prep, n_calib)
     if not calib:
-        raise RetinoError(f"--int8: none of the training images listed in {split} could be read for calibration")
+        raise RetinoError(f"--int8: none of the training images listed in {split_csv} could be read for calibration")
 
     say(f"Calibrating int8 on {len(calib)} training images")
     quantize_int8(fp32_path, out, calib, prep)
 
     val = rows[(rows["split"] == "val") & rows["grade"].notna()]
-    if val.empty:
-        return {"images": 0, "accuracy_fp32": float("nan"), "accuracy_int8": float("nan"), "calibration_images": len(calib)}
-    acc = {}
+    acc, images = {}, 0
     for name, path in (("fp32", fp32_path), ("int8", out)):
-        session = _session(path)
-        right = total = 0
-        for i in range(0, len(val), 32):
-            chunk = val.iloc[i:i + 32]
-            imgs, ys = [], []
-            for p, g in zip(chunk["path"], chunk["grade"]):
-                try:
-                    imgs.append(load_and_prepare(p, prep))
-                    ys.append(int(g))
-                except (RetinoError, OSError):
-                    continue
-            if imgs:
-                probs = session.run(["probs"], {"images": to_batch(imgs, prep)})[0]
-                right += int((probs.argmax(1) == np.array(ys)).sum())
-                total += len(ys)
-        acc[name] = right / total if total else float("nan")
-    return {"images": total, "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"],
+        scored = score_paths(open_model(path, provider="cpu"), val["path"].tolist())
+        ok = ~np.isnan(scored.probs).any(axis=1)
+        images = int(ok.sum())
+        right = scored.probs[ok].argmax(1) == val["grade"].to_numpy()[ok].astype(int)
+        acc[name] = float(right.mean()) if images else float("nan")
+    return {"images": images, "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"],
             "calibration_images": len(calib)}
 
 

@@ -31,7 +31,6 @@ from retinocli.metrics import REFERABLE_GRADE
 from retinocli.preprocess import Preprocess, load_and_prepare
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from rich.progress import Progress
 
     from retinocli.runtime import OnnxGrader
@@ -451,31 +450,3 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path, ba
         seconds=seconds, images_per_second=len(todo) / seconds if seconds > 0 else 0.0,
         notes=notes, error_examples=examples,
     )
-
-
-def render_predict_summary(summary: PredictSummary, grade_names: Sequence[str], console: Console) -> None:
-    """Print predictions per grade, referable count, unreadable files, speed and provider."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    graded = sum(summary.counts)
-    table = Table(title=f"{summary.out}: {summary.total:,} images", title_justify="left",
-                  show_footer=True)
-    table.add_column("grade", footer="graded")
-    table.add_column("name")
-    table.add_column("images", justify="right", footer=f"{graded:,}")
-    table.add_column("share", justify="right", footer="100%" if graded else "-")
-    for g, (name, n) in enumerate(zip(grade_names, summary.counts)):
-        table.add_row(str(g), escape(name), f"{n:,}", f"{n / graded:.1%}" if graded else "-")
-    share = f" ({summary.referable / graded:.1%})" if graded else ""
-    table.caption = f"referable DR (grade >= {REFERABLE_GRADE}): [bold]{summary.referable:,}[/]{share}"
-    table.caption_justify = "left"
-    console.print(table)
-    if summary.errors:
-        console.print(f"[red]{summary.errors:,} unreadable[/] (status \"error\" in the output)")
-        for path, reason in summary.error_examples:
-            console.print(f"  {escape(path)}: {escape(reason)}")
-    console.print(f"{summary.done_now:,} graded now, {summary.skipped:,} resumed; "
-                  f"{summary.images_per_second:,.1f} img/s on [cyan]{summary.provider}[/]")
-    for note in summary.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")

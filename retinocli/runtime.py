@@ -281,11 +281,9 @@ def newest_model(root: Path = Path("runs")) -> Path:
     Raises:
         RetinoError: there is none.
     """
-    root = Path(root)
-    models = [p for p in root.rglob("*.onnx") if p.is_file()] if root.is_dir() else []
-    if not models:
-        raise RetinoError(f"no exported model under {root}/; run `retino export` first")
-    return max(models, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    from retinocli.runs import newest
+
+    return newest(root, "*.onnx", f"no exported model under {root}/; run `retino export` first")
 
 
 # --------------------------------------------------------------------------- providers

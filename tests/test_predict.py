@@ -32,8 +32,8 @@ from retinocli.predict import (
     find_images,
     predict_folder,
     prediction_fields,
-    render_predict_summary,
 )
+from retinocli.display import render_predict_summary
 from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.runtime import (
     CPU,
