@@ -9,9 +9,15 @@ Three sections, one table:
 - train: images/s of a full training step (forward, backward, AdamW) on synthetic batches
   already on the device. Baseline: fp32 NCHW. retino: bf16 autocast + channels_last, and
   torch.compile with ``--compile``.
-- infer: images/s of a forward pass at batch 1, 8 and 64. Baseline: PyTorch eager fp32.
-  retino: onnxruntime on CPU (fp32, fp16, int8) and CUDA / TensorRT (fp32, fp16) when present,
-  and ``predict`` end to end over a folder of JPEGs (decode threads overlapped with inference).
+- pipeline: the same bf16 + channels_last step fed by retino's real input pipeline (worker
+  processes decoding a prepared cache's JPEGs, augmenting, pinned copies), per augmentation
+  preset. Baseline: the synthetic-tensor row above, so the ratio says how much of the model's
+  speed the input pipeline delivers.
+- infer: images/s of a forward pass at batch 1, 8 and 64 (and 256 on a GPU). Baseline: PyTorch
+  eager fp32. retino: PyTorch bf16 autocast and fp16 channels_last on a GPU; onnxruntime on CPU
+  (fp32, fp16, int8) and CUDA / TensorRT (fp32, fp16) when present, and ``predict`` end to end
+  over a folder of JPEGs (decode threads overlapped with inference). With a GPU the CPU rows
+  run at batch 1 and 8 only, as the baseline a CPU-only machine would give.
 
 Speeds are measured after warm-up over at least ``min_seconds``; a GPU is synchronised before a
 clock is read. Nothing here is asserted: targets live in BENCHMARKS.md.
@@ -19,6 +25,7 @@ clock is read. Nothing here is asserted: targets live in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -60,18 +67,25 @@ class BenchResult:
                 "rows": [asdict(r) for r in self.rows]}
 
 
+SECTIONS = ("data", "train", "pipeline", "infer", "predict")
+AUGMENTS = ("none", "light")  # pipeline rows: no augmentation, then the training default
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to measure; ``quick`` is the seconds-long version the tests run."""
 
     quick: bool = False
+    sections: tuple[str, ...] = SECTIONS
+    cache: Path | None = None  # images the pipeline rows decode (None: generated fundus JPEGs)
+    workers: int | None = None  # pipeline rows' loader processes (None: what retino train uses)
     data_size: int = 512
     full_size_photos: Path | None = None
     archs: tuple[str, ...] = ("resnet18", "resnet50")
     train_size: int | None = None  # None: 512 on a GPU, 64 on CPU
     train_batch: int | None = None  # None: 128/64 on a GPU, 16 on CPU
     infer_size: int | None = None  # None: 512 on a GPU, 224 on CPU
-    infer_batches: tuple[int, ...] = (1, 8, 64)
+    infer_batches: tuple[int, ...] | None = None  # None: 1, 8, 64 (and 256 on a GPU)
     compile: bool = False
     device: str = "auto"
     min_seconds: float = 2.0
@@ -104,6 +118,13 @@ def environment(device: str) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
     try:
         import tensorrt  # noqa: F401 (only its version)
 
@@ -174,129 +195,225 @@ def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> 
     return rows
 
 
-def bench_train(arch: str, size: int, batch: int, device, *, compile_too: bool, min_seconds: float) -> list[Row]:
+def _amp_dtype(device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled: bool) -> Callable[[Any, Any], None]:
+    """A fresh ``arch`` and a function doing one forward, backward and AdamW step on (x, y)."""
     import torch
     from torch import nn
 
     from retinocli.models import build_model
 
+    torch.manual_seed(0)
+    model = build_model(arch).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    amp_dtype = _amp_dtype(device)
+    model.train()
+
+    def step(x, y) -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = loss_fn(step_model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+TRAIN_VARIANTS = {  # label: (amp, channels_last, compiled)
+    "fp32 NCHW": (False, False, False),
+    "bf16 autocast + channels_last": (True, True, False),
+    "bf16 + channels_last + torch.compile": (True, True, True),
+}
+
+
+def bench_train(arch: str, size: int, batch: int, device, *, compile_too: bool, min_seconds: float,
+                variants: tuple[str, ...] | None = None) -> list[Row]:
+    import torch
+
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 5, (batch,), device=device)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     rows: list[Row] = []
-    variants = [("fp32 NCHW", False, False, False), ("bf16 autocast + channels_last", True, True, False)]
-    if compile_too:
-        variants.append(("bf16 + channels_last + torch.compile", True, True, True))
+    if variants is None:
+        variants = tuple(TRAIN_VARIANTS)[:3 if compile_too else 2]
     base = f"{arch} fp32 NCHW"
-    for label, amp, channels_last, compiled in variants:
-        torch.manual_seed(0)
-        model = build_model(arch).to(device)
-        xin = x
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            xin = x.contiguous(memory_format=torch.channels_last)
-        step_model = torch.compile(model) if compiled else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-
-        def step() -> int:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_fn(step_model(xin), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return batch
-
+    for label in variants:
+        amp, channels_last, compiled = TRAIN_VARIANTS[label]
+        name = f"{arch} {label}"
         try:
-            rate = timed(step, min_seconds=min_seconds, warmup=3 if compiled else 1, sync=sync)
+            step = training_step(arch, device, amp=amp, channels_last=channels_last, compiled=compiled)
+            xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            rate = timed(lambda: step(xin, y) or batch, min_seconds=min_seconds, warmup=3, sync=sync)
         except torch.OutOfMemoryError:
-            rows.append(Row("train", f"{arch} {label}", str(device), torch.get_num_threads(), batch, size, 0.0,
+            rows.append(Row("train", name, str(device), torch.get_num_threads(), batch, size, 0.0,
                             note="out of memory"))
             continue
-        name = f"{arch} {label}"
+        finally:
+            step = None  # free the model before the next variant
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(Row("train", name, str(device), torch.get_num_threads(), batch, size, rate,
-                        baseline=None if name == base else base))
-        del model, opt, step_model
+                        baseline=None if label == "fp32 NCHW" else base))
     return rows
+
+
+def pipeline_images(source: Path | None, size: int, folder: Path, n: int) -> list[Path]:
+    """JPEGs of ``size`` px, as ``retino prepare`` writes them: ``source``'s images, else generated ones.
+
+    A cache made at another size is re-encoded at ``size`` (JPEG quality 95), so the workers
+    decode what a cache prepared for this size would hold.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from retinocli.predict import find_images
+
+    if source is None:
+        return make_jpegs(folder, n, (size, size))
+    found = find_images(source)[:n]
+    if not found:
+        raise RetinoError(f"--data {source}: no images to feed the input pipeline")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def convert(item: tuple[int, Path]) -> Path:
+        i, src = item
+        with Image.open(src) as im:
+            if im.size == (size, size) and im.format == "JPEG":
+                return src
+            out = folder / f"{i:05d}.jpg"
+            im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(out, quality=95)
+            return out
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(convert, enumerate(found)))
+
+
+def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, *, augment: str, workers: int,
+                   min_seconds: float, epoch_batches: int = 24) -> Row:
+    """The bf16 + channels_last training step fed by FundusDataset workers, whole epochs timed.
+
+    Epoch 0 is the warm-up (worker start, cuDNN autotuning); then whole epochs are timed
+    from the first batch request to the last step, so the prefetch queue starts empty each
+    time, as in ``retino train``.
+    """
+    import torch
+
+    from retinocli.data import EpochSampler, FundusDataset, make_loader
+    from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from retinocli.train import to_input
+
+    gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize()) if gpu else (lambda: None)
+    files = [str(p) for p in paths] * math.ceil(batch * epoch_batches / len(paths))
+    files = files[: batch * epoch_batches]
+    prep = Preprocess(size=size, mode="none", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    dataset = FundusDataset(files, [0] * len(files), prep, augment)
+    sampler = EpochSampler(len(dataset), seed=0)
+    loader = make_loader(dataset, sampler, batch_size=batch, workers=workers, pin_memory=gpu, drop_last=True)
+    step = training_step(arch, device, amp=True, channels_last=True, compiled=False)
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+
+    def epoch(e: int) -> int:
+        sampler.set_epoch(e)
+        n = 0
+        for images, targets in loader:
+            step(to_input(images, device, mean, std, True), targets.to(device, non_blocking=True))
+            n += len(targets)
+        sync()
+        return n
+
+    epoch(0)
+    done, e, start = 0, 1, time.perf_counter()
+    while True:
+        done += epoch(e)
+        e += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            break
+    del loader  # stops the persistent workers
+    return Row("pipeline", f"{arch} bf16 autocast + channels_last, real input pipeline ({augment} augmentation)",
+               str(device), workers, batch, size, done / elapsed, baseline=f"{arch} bf16 autocast + channels_last",
+               note=f"{len(paths)} JPEGs")
 
 
 def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Path, *, min_seconds: float,
                 notes: list[str]) -> tuple[list[Row], dict[str, Path]]:
-    """PyTorch eager against onnxruntime per batch size; returns the rows and the ONNX files made."""
-    import onnx
+    """PyTorch eager against onnxruntime per batch size; returns the rows and the ONNX files made.
+
+    With a GPU, PyTorch runs there in fp32, bf16 autocast and fp16 at every batch; the CPU
+    rows (PyTorch and onnxruntime CPU fp32) run at batch 1 and 8 only.
+    """
     import onnxruntime as ort
     import torch
 
-    from retinocli import GRADE_NAMES
-    from retinocli.export import quantize_int8, to_onnx
     from retinocli.models import build_model
-    from retinocli.runtime import OnnxGrader, set_metadata
+    from retinocli.runtime import OnnxGrader
 
     torch.manual_seed(0)
     model = build_model(arch).eval()
-    prep = Preprocess(size=size, mode="none")
+    gpu = device.type == "cuda"
+    available = ort.get_available_providers()
+    gpu_providers = [p for p, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
+                     if gpu and name in available]
+    if gpu and not gpu_providers:
+        notes.append(f"onnxruntime {ort.__version__} here has only {', '.join(available)}: the CUDA and "
+                     "TensorRT providers are not measured (install onnxruntime-gpu)")
+    precisions = ["fp32"] + (["fp16", "int8"] if not gpu else (["fp16"] if gpu_providers else []))
     paths: dict[str, Path] = {}
-    meta = {"grade_names": list(GRADE_NAMES), "preprocess": prep.to_dict(),
-            "arch": arch}
-    for precision in ("fp32", "fp16"):
-        path = tmp / f"{arch}-{size}-{precision}.onnx"
-        to_onnx(model, size, path, half=precision == "fp16")
-        proto = onnx.load(path)
-        set_metadata(proto, {**meta, "precision": precision})
-        onnx.save(proto, path)
-        paths[precision] = path
+    for precision in precisions:
+        paths[precision] = onnx_model(arch, size, tmp, precision, model=model, fp32=paths.get("fp32"))
     rng = np.random.default_rng(0)
-    calib = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
-    paths["int8"] = tmp / f"{arch}-{size}-int8.onnx"
-    quantize_int8(paths["fp32"], paths["int8"], calib, prep)
-    proto = onnx.load(paths["int8"])
-    set_metadata(proto, {**meta, "precision": "int8"})
-    onnx.save(proto, paths["int8"])
 
     rows: list[Row] = []
-    gpu = device.type == "cuda"
-    torch_devices = [torch.device("cpu")] + ([device] if gpu else [])
-    providers = [("cpu", p) for p in ("fp32", "fp16", "int8")]
-    if gpu:
-        available = ort.get_available_providers()
-        providers += [("cuda", p) for p in ("fp32", "fp16")] if "CUDAExecutionProvider" in available else []
-        providers += [("tensorrt", p) for p in ("fp32", "fp16")] if "TensorrtExecutionProvider" in available else []
+    providers = [("cpu", p) for p in precisions] + [(g, p) for g in gpu_providers for p in ("fp32", "fp16")]
     graders: dict[tuple[str, str], Any] = {}
     for key in providers:
         try:
             graders[key] = OnnxGrader(paths[key[1]], provider=key[0])
         except RetinoError as exc:
             notes.append(f"onnxruntime {key[0]} {key[1]}: {exc}")
+    half = build_model(arch).to(device).eval().half().to(memory_format=torch.channels_last) if gpu else None
     for batch in batches:
+        cpu_too = not gpu or batch <= 8
         x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
-        for dev in torch_devices:
+        for dev in ([torch.device("cpu")] if cpu_too else []) + ([device] if gpu else []):
             m = model.to(dev)
             xt = torch.from_numpy(x).to(dev)
             sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-
-            def eager(m=m, xt=xt) -> int:
-                with torch.inference_mode():
-                    m(xt)
-                return batch
-
             base = f"{arch} PyTorch eager fp32 ({dev.type})"
-            rows.append(Row("infer", base, str(dev), torch.get_num_threads(), batch, size,
-                            timed(eager, min_seconds=min_seconds, sync=sync)))
-            if dev.type == "cuda":
-                half = build_model(arch).to(dev).eval().half().to(memory_format=torch.channels_last)
-                xh = xt.half().contiguous(memory_format=torch.channels_last)
-
-                def eager_half(xh=xh) -> int:
-                    with torch.inference_mode():
-                        half(xh)
-                    return batch
-
+            try:
+                rows.append(Row("infer", base, str(dev), torch.get_num_threads(), batch, size,
+                                timed(_forward(m, xt), min_seconds=min_seconds, sync=sync, warmup=2)))
+                if dev.type != "cuda":
+                    continue
+                xl = xt.contiguous(memory_format=torch.channels_last)
+                m.to(memory_format=torch.channels_last)
+                rows.append(Row("infer", f"{arch} PyTorch bf16 autocast channels_last (cuda)", str(dev),
+                                torch.get_num_threads(), batch, size,
+                                timed(_forward(m, xl, autocast=torch.bfloat16), min_seconds=min_seconds, sync=sync,
+                                      warmup=2), baseline=base))
+                m.to(memory_format=torch.contiguous_format)
                 rows.append(Row("infer", f"{arch} PyTorch eager fp16 channels_last (cuda)", str(dev),
                                 torch.get_num_threads(), batch, size,
-                                timed(eager_half, min_seconds=min_seconds, sync=sync), baseline=base))
+                                timed(_forward(half, xl.half()), min_seconds=min_seconds, sync=sync, warmup=2),
+                                baseline=base))
+            except torch.OutOfMemoryError:
+                notes.append(f"{arch} inference at batch {batch} ran out of memory on {dev}")
+                torch.cuda.empty_cache()
         for (provider, precision), grader in graders.items():
+            if provider == "cpu" and not cpu_too:
+                continue
             # fp32 is compared with PyTorch eager; fp16 and int8 with fp32 on the same provider
             base = (f"{arch} PyTorch eager fp32 ({'cpu' if provider == 'cpu' else 'cuda'})" if precision == "fp32"
                     else f"{arch} onnxruntime fp32 ({provider})")
@@ -315,6 +432,50 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
                             batch, size, rate, baseline=base))
     model.to("cpu")
     return rows, paths
+
+
+def onnx_model(arch: str, size: int, tmp: Path, precision: str, *, model=None, fp32: Path | None = None) -> Path:
+    """``arch`` (seed-0 weights unless ``model``) as an ONNX file with retino's metadata.
+
+    int8 is quantised from the ``fp32`` file, calibrated on 8 random images.
+    """
+    import onnx
+    import torch
+
+    from retinocli import GRADE_NAMES
+    from retinocli.export import quantize_int8, to_onnx
+    from retinocli.models import build_model
+    from retinocli.runtime import set_metadata
+
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(arch).eval()
+    prep = Preprocess(size=size, mode="none")
+    path = tmp / f"{arch}-{size}-{precision}.onnx"
+    if precision == "int8":
+        if fp32 is None:
+            raise ValueError("int8 is quantised from an fp32 file")
+        rng = np.random.default_rng(0)
+        quantize_int8(fp32, path, [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)], prep)
+    else:
+        to_onnx(model, size, path, half=precision == "fp16")
+    proto = onnx.load(path)
+    set_metadata(proto, {"grade_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "arch": arch,
+                         "precision": precision})
+    onnx.save(proto, path)
+    return path
+
+
+def _forward(model, x, autocast=None) -> Callable[[], int]:
+    import torch
+
+    def run() -> int:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=autocast or torch.float32,
+                                                    enabled=autocast is not None):
+            model(x)
+        return len(x)
+
+    return run
 
 
 def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp: Path) -> Row:
@@ -337,8 +498,12 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
     """Measure everything ``plan`` asks for; see the module doc."""
     import torch
 
+    from retinocli.data import default_workers
     from retinocli.train import pick_device
 
+    unknown = sorted(set(plan.sections) - set(SECTIONS))
+    if unknown or not plan.sections:
+        raise RetinoError(f"--only takes {', '.join(SECTIONS)}; got {', '.join(unknown) or 'nothing'}")
     say = progress or (lambda msg: None)
     device = pick_device(plan.device)
     gpu = device.type == "cuda"
@@ -346,56 +511,75 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
         torch.backends.cudnn.benchmark = True
     notes: list[str] = []
     rows: list[Row] = []
+    wanted = set(plan.sections)
     min_s = 0.2 if plan.quick else plan.min_seconds
+    archs = plan.archs[:1] if plan.quick else plan.archs
+    train_size = 32 if plan.quick else (plan.train_size or (512 if gpu else 64))
+
+    def train_batch(arch: str) -> int:
+        if plan.quick:
+            return 4
+        return plan.train_batch or ((128 if arch in ("resnet18", "resnet34") else 64) if gpu else 16)
+
     with tempfile.TemporaryDirectory(prefix="retino-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        # 1. data
-        say("data pipeline")
-        n = 4 if plan.quick else 24
-        jpegs = make_jpegs(tmp / "jpeg", n, (plan.data_size, plan.data_size))
-        rows += bench_data(jpegs, plan.data_size, f"{plan.data_size} px JPEG", min_s)
-        photos = plan.full_size_photos
-        if photos is not None and photos.is_dir():
-            from retinocli.predict import find_images
+        jpegs = make_jpegs(tmp / "jpeg", 4 if plan.quick else 24, (plan.data_size, plan.data_size))
+        if "data" in wanted:
+            say("data pipeline")
+            rows += bench_data(jpegs, plan.data_size, f"{plan.data_size} px JPEG", min_s)
+            photos = plan.full_size_photos
+            if photos is not None and photos.is_dir():
+                from retinocli.predict import find_images
 
-            big = find_images(photos)[: 3 if plan.quick else 10]
-            label = "full-size photos"
-        else:
-            big = make_jpegs(tmp / "big", 2 if plan.quick else 6, (3072, 2048) if not plan.quick else (1536, 1024))
-            label = "generated 3072x2048 photos" if not plan.quick else "generated 1536x1024 photos"
-        if big:
-            rows += bench_data(big, plan.data_size, label, min_s)
-        # 2. train
-        train_size = plan.train_size or (512 if gpu else 64)
-        archs = plan.archs[:1] if plan.quick else plan.archs
-        for arch in archs:
-            say(f"training step {arch}")
-            batch = plan.train_batch or ((128 if arch in ("resnet18", "resnet34") else 64) if gpu else 16)
-            rows += bench_train(arch, 32 if plan.quick else train_size, 4 if plan.quick else batch, device,
-                                compile_too=plan.compile, min_seconds=min_s)
-        # 3. inference
-        infer_size = plan.infer_size or (512 if gpu else 224)
-        infer_size = 32 if plan.quick else infer_size
-        batches = (1, 8) if plan.quick else plan.infer_batches
+                big = find_images(photos)[: 3 if plan.quick else 10]
+                label = "full-size photos"
+            else:
+                big = make_jpegs(tmp / "big", 2 if plan.quick else 6, (3072, 2048) if not plan.quick else (1536, 1024))
+                label = "generated 3072x2048 photos" if not plan.quick else "generated 1536x1024 photos"
+            if big:
+                rows += bench_data(big, plan.data_size, label, min_s)
+        if wanted & {"train", "pipeline"}:
+            for arch in archs:
+                say(f"training step {arch}")
+                # the pipeline rows' baseline is the synthetic bf16 row, so it runs with them
+                variants = None if "train" in wanted else ("bf16 autocast + channels_last",)
+                rows += bench_train(arch, train_size, train_batch(arch), device, compile_too=plan.compile,
+                                    min_seconds=min_s, variants=variants)
+        if "pipeline" in wanted:
+            workers = plan.workers if plan.workers is not None else (0 if plan.quick else default_workers(device.type))
+            files = pipeline_images(plan.cache, train_size, tmp / "pipeline", 16 if plan.quick else 1024)
+            for arch in archs:
+                for augment in AUGMENTS:
+                    say(f"input pipeline {arch}, {augment} augmentation")
+                    rows.append(bench_pipeline(arch, files, train_size, train_batch(arch), device, augment=augment,
+                                               workers=workers, min_seconds=min_s,
+                                               epoch_batches=2 if plan.quick else 24))
+        infer_size = 32 if plan.quick else (plan.infer_size or (512 if gpu else 224))
         models: dict[str, Path] = {}
-        for arch in archs:
-            say(f"inference {arch}")
-            infer_rows, models = bench_infer(arch, infer_size, batches, device, tmp, min_seconds=min_s, notes=notes)
-            rows += infer_rows
-        # end to end over a JPEG folder at the model's size, last arch's models
-        say("predict end to end")
-        folder = tmp / "predict"
-        folder.mkdir()
-        for i, src in enumerate(jpegs * (1 if plan.quick else 8)):
-            (folder / f"{i:05d}.jpg").write_bytes(src.read_bytes())
-        e2e = [("cpu", models["fp32"])]
-        if gpu:
-            e2e += [("cuda", models["fp16"]), ("tensorrt", models["fp16"])]
-        for provider, path in e2e:
-            try:
-                rows.append(bench_predict(path, folder, 8 if plan.quick else 64, provider, tmp))
-            except RetinoError as exc:
-                notes.append(f"predict {provider}: {exc}")
+        if "infer" in wanted:
+            batches = (1, 8) if plan.quick else (plan.infer_batches or ((1, 8, 64, 256) if gpu else (1, 8, 64)))
+            for arch in archs:
+                say(f"inference {arch}")
+                infer_rows, models = bench_infer(arch, infer_size, batches, device, tmp, min_seconds=min_s,
+                                                 notes=notes)
+                rows += infer_rows
+        if "predict" in wanted:
+            # end to end over a JPEG folder at the model's size, the last arch's models
+            say("predict end to end")
+            if "fp32" not in models:
+                models["fp32"] = onnx_model(archs[-1], infer_size, tmp, "fp32")
+            folder = tmp / "predict"
+            folder.mkdir()
+            for i, src in enumerate(jpegs * (1 if plan.quick else 8)):
+                (folder / f"{i:05d}.jpg").write_bytes(src.read_bytes())
+            e2e = [("cpu", models["fp32"])]
+            if gpu and "fp16" in models:
+                e2e += [("cuda", models["fp16"]), ("tensorrt", models["fp16"])]
+            for provider, path in e2e:
+                try:
+                    rows.append(bench_predict(path, folder, 8 if plan.quick else 64, provider, tmp))
+                except RetinoError as exc:
+                    notes.append(f"predict {provider}: {exc}")
     _ratios(rows)
     return BenchResult(rows=rows, environment=environment(str(device)), command=command, notes=notes)
 

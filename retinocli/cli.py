@@ -216,10 +216,13 @@ def train(
                                      "best_epoch": result.best_epoch, "best": result.best_metrics,
                                      "stopped": result.stopped, "notes": result.notes,
                                      "history": result.history}, indent=2) + "\n")
-        return
-    display.render_training(result, console)
+    else:
+        display.render_training(result, console)
+    if result.interrupted:  # 130, as a shell reports Ctrl-C, so `set -e` scripts stop here
+        err_console.print(f"[bold red]interrupted:[/] {escape(result.stopped)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
-    if result.best_epoch and "evaluate" in commands:
+    if not json_out and result.best_epoch and "evaluate" in commands:
         console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")
 
 
@@ -467,13 +470,20 @@ def bench(
         help="Folder of full-size photos (default ../shared/data/kaggle-sample10 when present, "
              "else generated 3072x2048 JPEGs).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also time training with torch.compile.")] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Images the input-pipeline rows decode, e.g. a `retino prepare` cache (default: generated "
+             "fundus JPEGs); re-encoded at the training size when made at another.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Input-pipeline loader processes (default: what "
+                                                        "retino train uses).")] = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated sections: data, train, pipeline, "
+                                                     "infer, predict (default: all).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     min_seconds: Annotated[float, typer.Option(help="Least time measured per row.")] = 2.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """Measure this machine: data pipeline, training step and inference, each against its baseline."""
     from retinocli import display
-    from retinocli.bench import Plan, run_bench
+    from retinocli.bench import SECTIONS, Plan, run_bench
 
     default_photos = Path("../shared/data/kaggle-sample10")
     with user_errors():
@@ -483,9 +493,14 @@ def bench(
             raise RetinoError(f"--batch-size must be at least 1, got {batch_size}")
         if photos is not None and not photos.is_dir():
             raise RetinoError(f"--photos {photos} is not a folder")
+        if data is not None and not data.is_dir():
+            raise RetinoError(f"--data {data} is not a folder")
+        if workers is not None and workers < 0:
+            raise RetinoError(f"--workers must be >= 0, got {workers}")
+        sections = tuple(s.strip() for s in only.split(",") if s.strip()) if only is not None else SECTIONS
         plan = Plan(quick=quick, archs=tuple(arch) if arch else ("resnet18", "resnet50"), train_size=size,
                     infer_size=size, train_batch=batch_size, compile=compile, device=device,
-                    min_seconds=min_seconds,
+                    min_seconds=min_seconds, sections=sections, cache=data, workers=workers,
                     full_size_photos=photos or (default_photos if default_photos.is_dir() else None))
         shown = err_console if json_out else console
         with shown.status("benchmarking") as status:

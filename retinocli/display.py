@@ -206,6 +206,7 @@ def render_bench(result, console: Console) -> None:
                   f"torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}")
     titles = {"data": "Data pipeline: one worker process, file -> training tensor",
               "train": "Training step (forward + backward + AdamW), synthetic batches on the device",
+              "pipeline": "Training step fed by the real input pipeline (loader processes in 'threads')",
               "infer": "Inference"}
     for section, title in titles.items():
         rows = [r for r in result.rows if r.section == section]

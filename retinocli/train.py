@@ -49,6 +49,7 @@ class RunResult:
     history: list[dict]
     stopped: str = "completed"
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the CLI exits 130 so scripts stop too
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -158,12 +159,36 @@ def preprocess_of(cfg: TrainConfig) -> Preprocess:
     return Preprocess(size=cfg.img_size, mode=cfg.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+def _distributed() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) under torchrun, even with one process; else None.
+
+    One process under torchrun still runs DistributedDataParallel, so the multi-GPU code
+    path can be tried on a machine with one GPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out of memory, however it surfaced: torch's own error, cuDNN or cuBLAS failing to
+    allocate, or torch.compile wrapping one of those."""
+    while exc is not None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "_ALLOC_FAILED" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def out_of_memory_error(cfg: TrainConfig, done: int, run_dir: Path | None) -> RetinoError:
+    kept = (f"; {run_dir}/last.pt keeps epoch {done}, but a resumed run keeps its batch size"
+            if done and run_dir is not None else "")
+    return RetinoError(f"CUDA ran out of memory at --batch-size {cfg.batch_size} ({cfg.arch}, {cfg.img_size}px); "
+                       f"try --batch-size {max(1, cfg.batch_size // 2)} or a smaller --img-size{kept}")
 
 
 # ---------------------------------------------------------------------------- epochs
@@ -286,7 +311,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     from retinocli.display import progress_bar
     from retinocli.layouts import load_dataset
 
-    rank, world, local_rank = _distributed()
+    ddp = _distributed()
+    rank, world, local_rank = ddp or (0, 1, 0)
     state = None
     if resume is not None:
         resume = Path(resume)
@@ -301,7 +327,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         say(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
 
     device = pick_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -352,7 +378,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     core = model
-    if world > 1:
+    if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -387,7 +413,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 stale.unlink(missing_ok=True)
     else:
         run_dir = new_run_dir(cfg.project, cfg.name, force=force) if rank == 0 else None
-        if world > 1:
+        if ddp:
             box = [str(run_dir) if run_dir else None]
             dist.broadcast_object_list(box, src=0)
             run_dir = Path(box[0])
@@ -400,6 +426,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
              "parameters": sum(p.numel() for p in core.parameters()), "amp": amp,
              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
              "channels_last": channels_last, "workers": workers, "world_size": world,
+             "distributed": bool(ddp),
              "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}}, indent=2))
         records[["image", "path", "grade", "split", "patient", "eye"]].to_csv(run_dir / "split.csv", index=False)
 
@@ -418,6 +445,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         }
 
     stopped = "completed"
+    interrupted = False
     epoch = start_epoch
     unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
     bar_ctx = progress_bar(console, "img") if (console is not None and rank == 0) else nullcontext()
@@ -441,13 +469,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
                                          device=device, autocast=autocast, mean=mean, std=std,
                                          channels_last=channels_last, progress=show)
-                except torch.OutOfMemoryError:
-                    raise RetinoError(f"CUDA ran out of memory at --batch-size {cfg.batch_size} "
-                                      f"({cfg.arch}, {cfg.img_size}px); try --batch-size "
-                                      f"{max(1, cfg.batch_size // 2)}") from None
-                y, probs = predict_loader(model, val_loader, device=device, autocast=autocast, mean=mean,
-                                          std=std, channels_last=channels_last)
-                if world > 1:
+                    y, probs = predict_loader(model, val_loader, device=device, autocast=autocast, mean=mean,
+                                              std=std, channels_last=channels_last)
+                except (RuntimeError, MemoryError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    raise out_of_memory_error(cfg, len(history), run_dir) from None
+                if ddp:
                     parts = [None] * world
                     dist.all_gather_object(parts, (y, probs))
                     y = np.concatenate([p[0] for p in parts])
@@ -479,10 +507,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     except StopTraining as exc:
         stopped = f"{exc}; stopped, last.pt and best.pt keep the last good epoch ({epoch})"
     except KeyboardInterrupt:
-        stopped = (f"interrupted during epoch {epoch + 1}; last.pt holds epoch {len(history)}; "
-                   f"continue with: retino train --resume {run_dir}")
+        interrupted = True
+        if history:
+            stopped = (f"interrupted during epoch {epoch + 1}; last.pt holds epoch {len(history)}; "
+                       f"continue with: retino train --resume {run_dir}")
+        else:
+            stopped = f"interrupted during epoch {epoch + 1}, before any epoch was saved; start again"
     finally:
-        if world > 1 and dist.is_initialized():
+        if ddp and dist.is_initialized():
             dist.destroy_process_group()
     failures = train_set.failures + val_set.failures  # paths are known only without worker processes
     result_notes = []
@@ -490,4 +522,4 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
         result_notes.append(f"{unreadable} image(s) per epoch could not be read and were skipped{example}")
     return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
-                     history=history, stopped=stopped, notes=result_notes)
+                     history=history, stopped=stopped, notes=result_notes, interrupted=interrupted)
