@@ -275,8 +275,11 @@ def bench(c: Check, data: Path, device: str, tiny: bool) -> dict:
     common = ["-m", "retinocli", "bench", "--device", device, "--json",
               *(["--quick"] if tiny else ["--min-seconds", "1"])]
     results = []
+    cores = str(os.cpu_count() or 1)
     for name, extra, timeout in (("bench", ["--only", "data,train,pipeline,infer,predict", "--data", str(data)], 300),
-                                 ("bench --compile", ["--only", "train", "--compile"], 300)):
+                                 ("bench --compile", ["--only", "train", "--compile"], 300),
+                                 (f"bench pipeline, {cores} workers", ["--only", "pipeline", "--data", str(data),
+                                                                       "--arch", "resnet18", "--workers", cores], 120)):
         step = c.run(name, [*common, *extra], timeout=timeout, log=log)
         if step.get("rc") == 0:
             results.append(json.loads(_last_stdout(log, name)))
@@ -284,7 +287,7 @@ def bench(c: Check, data: Path, device: str, tiny: bool) -> dict:
     seen = set()
     for res in results:
         for r in res["rows"]:
-            key = (r["section"], r["name"], r["batch"], r["size"])
+            key = (r["section"], r["name"], r["batch"], r["size"], r["threads"])
             if key not in seen:
                 seen.add(key)
                 rows.append(Row(**{**r, "ratio": None}))
