@@ -90,10 +90,18 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RetinoError(f"--device {spec}: CUDA is not available on this machine")
-        if (device.index or 0) >= torch.cuda.device_count():
+        device = with_index(device, local_rank)
+        if device.index >= torch.cuda.device_count():
             raise RetinoError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RetinoError("--device mps: MPS is not available on this machine")
+    return device
+
+
+def with_index(device: torch.device, local_rank: int = 0) -> torch.device:
+    """``cuda`` -> ``cuda:<local rank>``: torch.cuda.set_device and DDP need the index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
     return device
 
 

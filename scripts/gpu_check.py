@@ -266,7 +266,7 @@ def interrupt_and_resume(c: Check, cmd: list[str], run: Path) -> None:
           timeout=240, checks=resumed)
 
 
-def bench(c: Check, data: Path, device: str, tiny: bool) -> dict:
+def bench(c: Check, data: Path, device: str, tiny: bool, which: list[str]) -> dict:
     """``retino bench`` without, then with, torch.compile; rows merged, ratios recomputed."""
     sys.path.insert(0, str(ROOT))
     from retinocli.bench import Row, _ratios
@@ -276,10 +276,13 @@ def bench(c: Check, data: Path, device: str, tiny: bool) -> dict:
               *(["--quick"] if tiny else ["--min-seconds", "1"])]
     results = []
     cores = str(os.cpu_count() or 1)
-    for name, extra, timeout in (("bench", ["--only", "data,train,pipeline,infer,predict", "--data", str(data)], 300),
-                                 ("bench --compile", ["--only", "train", "--compile"], 300),
-                                 (f"bench pipeline, {cores} workers", ["--only", "pipeline", "--data", str(data),
-                                                                       "--arch", "resnet18", "--workers", cores], 120)):
+    runs = {"main": ("bench", ["--only", "data,train,pipeline,infer,predict", "--data", str(data)], 300),
+            "workers": (f"bench pipeline, {cores} workers", ["--only", "pipeline", "--data", str(data), "--arch",
+                                                             "resnet18", "--workers", cores], 120),
+            "compile": ("bench --compile", ["--only", "train", "--compile"], 300),
+            "compile18": ("bench --compile resnet18", ["--only", "train", "--compile", "--arch", "resnet18"], 300)}
+    for key in which:
+        name, extra, timeout = runs[key]
         step = c.run(name, [*common, *extra], timeout=timeout, log=log)
         if step.get("rc") == 0:
             results.append(json.loads(_last_stdout(log, name)))
@@ -339,7 +342,8 @@ def main() -> int:
                     help="a retino cache (scripts/gpu_check.py make-data); else generated on the spot")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny images, quick bench")
     ap.add_argument("--budget", type=float, default=480, help="seconds for everything")
-    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--bench", default="main,compile,workers",
+                    help="bench runs, in order: main, compile (resnet18 and 50), compile18, workers; none: skip")
     args = ap.parse_args()
     out = args.out.resolve()
     if out.exists():
@@ -363,8 +367,9 @@ def main() -> int:
     c.say(f"paths done in {time.monotonic() - started:.0f} s")
     record = {"machine": info, "steps": c.steps}
     (out / "gpu-check.json").write_text(json.dumps(record, indent=2) + "\n")
-    if not args.skip_bench:
-        record["bench"] = bench(c, data, args.device, args.tiny)
+    which = [b for b in args.bench.split(",") if b and b != "none"]
+    if which:
+        record["bench"] = bench(c, data, args.device, args.tiny, which)
         record["steps"] = c.steps
     (out / "gpu-check.json").write_text(json.dumps(record, indent=2) + "\n")
     failed = [s["name"] for s in c.steps if not s.get("ok") and not s["name"].startswith("bench")]
