@@ -6,7 +6,9 @@ them, so ``retino --help`` starts at once and ``stats``/``predict`` never load t
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,20 +17,87 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
+from retinocli import __version__
 from retinocli.errors import RetinoError
+
+PIPE_WIDTH = 200  # a log's line width when COLUMNS does not say: tables keep every column
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for this invocation: ``COLUMNS`` wins; in a pipe, wide enough for whole tables."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    width = None if (os.environ.get("COLUMNS") or tty) else PIPE_WIDTH
+    return Console(stderr=stderr, width=width)
+
+
+class RetinoGroup(TyperGroup):
+    """Every error the user can cause, usage errors included: one ``error:`` line (and one
+    usage hint), exit code 2. Typer would draw usage errors as boxed panels."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as exc:  # click's exceptions, vendored by typer: recognised by shape
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # bare `retino`: the help, as before
+                code = 0
+            elif hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+                message = exc.format_message().strip().splitlines()
+                err = make_console(stderr=True)
+                err.print(f"[bold red]error:[/] {escape(' '.join(m.strip() for m in message if m.strip()))}",
+                          highlight=False, soft_wrap=True)
+                ctx = getattr(exc, "ctx", None)
+                if ctx is not None:
+                    err.print(f"usage: {escape(ctx.command_path)} --help", highlight=False, soft_wrap=True)
+                code = exc.exit_code
+            elif type(exc).__name__ == "Abort":
+                make_console(stderr=True).print("[bold red]error:[/] aborted", highlight=False)
+                code = 1
+            elif isinstance(exc, OSError) and exc.errno == errno.EPIPE:  # `retino ... | head`
+                code = 1
+            else:
+                raise
+            if not standalone_mode:
+                return code
+            sys.exit(code)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="retino",
     help="Diabetic-retinopathy grading from colour fundus photographs: "
          "stats -> train -> evaluate -> report -> export -> predict.",
+    cls=RetinoGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"retino {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _invocation(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print retino's version and exit.")] = False,
+) -> None:
+    """Diabetic-retinopathy grading from colour fundus photographs: stats -> train -> evaluate -> report ->
+    export -> predict."""
+    # consoles per invocation: COLUMNS and whether output is a terminal are read now, not at import
+    global console, err_console
+    console, err_console = make_console(), make_console(stderr=True)
 
 
 @contextmanager
@@ -215,6 +284,7 @@ def train(
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
                                      "best_epoch": result.best_epoch, "best": result.best_metrics,
                                      "stopped": result.stopped, "notes": result.notes,
+                                     "warnings": result.warnings, "interrupted": result.interrupted,
                                      "history": result.history}, indent=2) + "\n")
     else:
         display.render_training(result, console)
@@ -223,7 +293,8 @@ def train(
         raise typer.Exit(130)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     if not json_out and result.best_epoch and "evaluate" in commands:
-        console.print(f"Next: [bold]retino evaluate {result.run_dir}[/]")
+        split = "" if result.evaluate_split == "test" else f" --split {result.evaluate_split}"
+        console.print(f"Next: [bold]retino evaluate {escape(str(result.run_dir))}{split}[/]", soft_wrap=True)
 
 
 ProviderOpt = Annotated[str, typer.Option(
@@ -503,9 +574,14 @@ def bench(
                     min_seconds=min_seconds, sections=sections, cache=data, workers=workers,
                     full_size_photos=photos or (default_photos if default_photos.is_dir() else None))
         shown = err_console if json_out else console
-        with shown.status("benchmarking") as status:
+        if shown.is_terminal:
+            with shown.status("benchmarking") as status:
+                result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]),
+                                   progress=lambda msg: status.update(f"benchmarking: {msg}"))
+        else:  # a log gets one line per stage as it starts
             result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]),
-                               progress=lambda msg: status.update(f"benchmarking: {msg}"))
+                               progress=lambda msg: shown.print(f"benchmarking: {msg}", markup=False,
+                                                                highlight=False, soft_wrap=True))
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -530,8 +606,8 @@ def _list_archs(json_out: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m retinocli``: usage lines say ``retino`` either way)."""
+    app(prog_name="retino")
 
 
 if __name__ == "__main__":

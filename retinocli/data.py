@@ -73,8 +73,9 @@ def training_split(records: pd.DataFrame, val_fraction: float, seed: int) -> tup
         if val_fraction <= 0:
             raise RetinoError("the dataset has no val split; give --val-fraction > 0 to carve one")
         usable = carve_validation(usable, val_fraction, seed)
+        unit = "patients" if usable["patient"].notna().any() else "images"  # IDRiD has no patient ids
         notes.append(f"carved a validation split: {(usable['split'] == 'val').sum()} images "
-                     f"({val_fraction:.0%} of training patients, stratified by grade)")
+                     f"({val_fraction:.0%} of training {unit}, stratified by grade)")
     return usable, notes
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
@@ -93,16 +96,101 @@ class _RateColumn(ProgressColumn):
         return Text("-" if speed is None else f"{speed:,.1f} {self.unit}/s", style="cyan")
 
 
-def progress_bar(console: Console, unit: str = "img", *, transient: bool = False) -> Progress:
-    """A rich progress bar with count, rate and time left; pass extra fields via ``postfix``."""
+def progress_bar(console: Console, unit: str = "img", *, transient: bool = False) -> Progress | PlainProgress:
+    """Progress for a long job: on a terminal a rich bar with count, rate and time left; in a pipe
+    (``| tee``, SLURM, CI) plain, complete, flushed lines instead (:class:`PlainProgress`).
+
+    Extra text goes in the ``postfix`` field. A task added with ``line_at_stop=True`` prints its
+    plain line at ``stop_task`` (after the caller has put its results in ``postfix``) rather than
+    when its count completes.
+    """
+    if not console.is_terminal:
+        return PlainProgress(console, unit)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     _RateColumn(unit), TimeElapsedColumn(), TextColumn("<"), TimeRemainingColumn(),
                     TextColumn("{task.fields[postfix]}"), console=console, transient=transient)
 
 
+class PlainTask:
+    def __init__(self, description: str, total: float | None, completed: float, fields: dict):
+        self.description, self.total, self.completed, self.fields = description, total, completed, fields
+        self.start = time.perf_counter()
+        self.finished_at: float | None = None
+        self.done = False  # its final line is printed
+        self.last_line = self.start
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.completed >= self.total
+
+
+class PlainProgress:
+    """The parts of rich's Progress that retino uses, printing whole lines instead of a live bar.
+
+    A line when a task completes (or at ``stop_task`` for ``line_at_stop`` tasks) and, for long
+    tasks, one every ``every`` seconds: a log never stays empty and never holds half a line.
+    """
+
+    def __init__(self, console: Console, unit: str = "img", every: float = 30.0):
+        self.console, self.unit, self.every = console, unit, every
+        self.tasks: list[PlainTask] = []
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        self.tasks.append(PlainTask(description, total, completed, fields))
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **fields) -> None:
+        task = self.tasks[task_id]
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        if description is not None:
+            task.description = description
+        task.fields.update(fields)
+        now = time.perf_counter()
+        if task.finished and task.finished_at is None:
+            task.finished_at = now
+            if not task.fields.get("line_at_stop"):
+                self._line(task)
+        elif not task.done and now - task.last_line >= self.every:
+            self._line(task, partial=True)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def stop_task(self, task_id: int) -> None:
+        task = self.tasks[task_id]
+        if not task.done:
+            task.finished_at = task.finished_at or time.perf_counter()
+            self._line(task)
+
+    def _line(self, task: PlainTask, partial: bool = False) -> None:
+        end = time.perf_counter() if partial else (task.finished_at or time.perf_counter())
+        seconds = end - task.start
+        count = f"{task.completed:,.0f}" + (f"/{task.total:,.0f}" if task.total is not None else "")
+        rate = f", {task.completed / seconds:,.1f} {self.unit}/s" if seconds > 0 and task.completed > 0 else ""
+        postfix = task.fields.get("postfix") or ""
+        text = f"{task.description}: {count} {self.unit} in {seconds:,.1f} s{rate}" + (f" | {postfix}" if postfix else "")
+        task.last_line = time.perf_counter()
+        task.done = not partial
+        # soft_wrap: a log line is never cut or folded at the console width
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def render_training(result, console: Console) -> None:
     """The summary after ``retino train``: last epochs, the best one, and what to run next."""
-    table = Table(title=f"{result.run_dir}: {result.epochs_done} epoch(s)", title_justify="left")
+    console.print(f"Run folder: {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
+    table = Table(title=f"{result.epochs_done} epoch(s)", title_justify="left")
     for col in ("epoch", "s", "img/s", "lr", "train loss", "train acc", "val loss", "val acc", "val QWK", "val bal acc"):
         table.add_column(col, justify="right")
     for row in result.history[-10:]:
@@ -114,8 +202,10 @@ def render_training(result, console: Console) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+    for warning in result.warnings:
+        console.print(f"[bold red]warning:[/] {escape(warning)}", soft_wrap=True)
     colour = "green" if result.stopped == "completed" else "yellow"
-    console.print(f"[{colour}]{result.stopped}[/]")
+    console.print(f"[{colour}]{escape(result.stopped)}[/]", soft_wrap=True)
     if result.best_epoch:
         b = result.best_metrics
         console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {_pct(b['accuracy'])}, "

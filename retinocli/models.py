@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -57,7 +60,10 @@ def load_imagenet_state(arch: str, name: str) -> dict[str, torch.Tensor]:
     weights = weights_enum(arch, name)
     target = cached_weight_file(arch, name)
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # torch.hub writes 'Downloading: "url" to file' before it tries: offline that stray line
+        # came before retino's own error, so it is held back and only the outcome is reported
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, timeouts, hash mismatch: all end in the same advice
         if target.is_file():
             raise RetinoError(f"cannot read cached weights {target}: {exc}") from None

@@ -50,6 +50,8 @@ class RunResult:
     stopped: str = "completed"
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: the CLI exits 130 so scripts stop too
+    warnings: list[str] = field(default_factory=list)
+    evaluate_split: str = "test"  # the split `retino evaluate` should score: val when there is no test split
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -161,6 +163,28 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def squashed_note(paths: list[str], cfg: TrainConfig, sample: int = 20) -> list[str]:
+    """A note when ``--preprocess none`` will squash non-square photos (3:2 cameras) to a square."""
+    if cfg.preprocess != "none":
+        return []
+    from PIL import Image
+
+    sizes = []
+    for path in paths[:sample]:
+        try:
+            with Image.open(path) as im:  # the header only
+                sizes.append(im.size)
+        except Exception:  # noqa: BLE001 - unreadable files are counted elsewhere
+            continue
+    odd = [(w, h) for w, h in sizes if abs(w / h - 1) > 0.02]
+    if not odd:
+        return []
+    w, h = odd[0]
+    return [f"{len(odd)} of the first {len(sizes)} training images are not square (e.g. {w}x{h}): --preprocess "
+            f"none squashes them to {cfg.img_size}x{cfg.img_size}; --preprocess crop crops to the fundus and pads "
+            "it square"]
 
 
 def preprocess_of(cfg: TrainConfig) -> Preprocess:
@@ -314,8 +338,6 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         console: a rich console for progress and messages (None: silent).
         on_epoch_end: called with (epoch, history row) after each epoch's checkpoint.
     """
-    from rich.progress import Progress
-
     from retinocli.display import progress_bar
     from retinocli.layouts import load_dataset
 
@@ -353,8 +375,6 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     # Data
     ds = load_dataset(cfg.data, layout=cfg.layout, images=cfg.images)
     records, notes = training_split(ds.records, cfg.val_fraction, cfg.seed)
-    for note in ds.notes + notes:
-        say(f"[dim]note:[/] {note}")
     prep = preprocess_of(cfg)
     train_rec = records[records["split"] == "train"]
     val_rec = records[records["split"] == "val"]
@@ -372,6 +392,15 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin)
     if len(train_loader) == 0:
         raise RetinoError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
+    if len(val_set) == 0:
+        raise RetinoError(f"no validation images: the split gave {len(train_set)} train and 0 val images "
+                          f"(--val-fraction {cfg.val_fraction} of too few patients per grade); pass a larger "
+                          "--val-fraction, e.g. 0.2, or give the dataset a val split")
+    dropped = len(train_sampler) % cfg.batch_size if drop_last else 0
+    notes += squashed_note(train_rec["path"].tolist(), cfg) if rank == 0 else []
+
+    for note in ds.notes + notes:
+        say(f"[dim]note:[/] {note}")
 
     # Model
     small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
@@ -441,7 +470,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     say(f"Training [bold]{cfg.arch}[/] ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
         f"{cfg.mode}) on {device_info.get('gpu', device)} | {len(train_set)} train / {len(val_set)} val images "
         f"at {cfg.img_size}px | amp {'on (' + str(amp_dtype).removeprefix('torch.') + ')' if amp else 'off'}, "
-        f"channels_last {'on' if channels_last else 'off'} | -> {run_dir}")
+        f"channels_last {'on' if channels_last else 'off'}")
+    if dropped:
+        say(f"Each epoch trains on {len(train_sampler) - dropped} of {len(train_sampler)} images: full batches "
+            f"of {cfg.batch_size} only; the {dropped} left over are a different {dropped} each epoch")
+    say(f"Run folder: {run_dir}")
 
     def checkpoint(epoch: int, row_metrics: dict) -> dict:
         return {
@@ -465,8 +498,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 set_train_mode(core, backbone_frozen=frozen)
                 train_sampler.set_epoch(epoch)
                 task = None
-                if isinstance(bar, Progress):
-                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}",
+                if bar is not None:
+                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", line_at_stop=True,
                                         total=len(train_loader) * cfg.batch_size, postfix="")
 
                 def show(step, loss, acc, task=task):
@@ -504,9 +537,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                         save_checkpoint(checkpoint(epoch + 1, val), run_dir / "best.pt")
                     save_checkpoint(checkpoint(epoch + 1, val), run_dir / "last.pt")
                     write_history(run_dir, history)
-                if task is not None:
-                    bar.update(task, postfix=(f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | val acc "
-                                              f"{val['accuracy']:.1%} qwk {val['qwk']:.3f}{' *' if improved else ''}"))
+                if task is not None:  # every column of history.csv, so a log holds the whole epoch
+                    bar.update(task, postfix=(
+                        f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
+                        f"{val['loss']:.3f} acc {val['accuracy']:.1%} qwk {val['qwk']:.3f} bal acc "
+                        f"{val['balanced_accuracy']:.1%}{' | best so far' if improved else ''}"))
+                    bar.stop_task(task)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, row)
                 if cfg.patience and best_epoch is not None and epoch + 1 - best_epoch >= cfg.patience:
@@ -526,8 +562,16 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
             dist.destroy_process_group()
     failures = train_set.failures + val_set.failures  # paths are known only without worker processes
     result_notes = []
+    warnings = []
+    if best:
+        grade, bar_acc = metrics.majority_baseline(val_rec["grade"].astype(int).to_numpy())
+        if best["accuracy"] <= bar_acc + 0.01:
+            warnings.append(f"the best validation accuracy, {best['accuracy']:.1%}, is no better than always "
+                            f"answering {GRADE_NAMES[grade]} ({bar_acc:.1%} of the validation images): "
+                            "this model has not learnt to grade yet")
     if unreadable:
         example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
         result_notes.append(f"{unreadable} image(s) per epoch could not be read and were skipped{example}")
     return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
-                     history=history, stopped=stopped, notes=result_notes, interrupted=interrupted)
+                     history=history, stopped=stopped, notes=result_notes, interrupted=interrupted,
+                     warnings=warnings, evaluate_split="test" if (records["split"] == "test").any() else "val")

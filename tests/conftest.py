@@ -9,6 +9,22 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LONG_PATH = 160  # a clone deep in a cluster home folder: no test may depend on short paths
+
+
+def pytest_configure(config) -> None:
+    """The whole suite runs under a path over 150 characters and at a 60-column terminal width.
+
+    Output that a test can only read when paths are short or lines are wide breaks here, in
+    every run, not on some user's machine. ``--basetemp`` on the command line still wins.
+    """
+    import os
+    import tempfile
+
+    os.environ["COLUMNS"] = "60"
+    if config.option.basetemp is None:
+        stem = Path(tempfile.gettempdir()) / f"retino-tests-{os.getpid()}-"
+        config.option.basetemp = str(stem) + "deep" * max(1, (LONG_PATH - len(str(stem))) // 4)
 
 
 def write_image(path: Path, *, size: int = 32, seed: int = 0, fmt: str | None = None) -> Path:

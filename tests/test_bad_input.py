@@ -783,6 +783,20 @@ print(json.dumps(results))
 """
 
 
+def reachable_by_others() -> str | None:
+    """A temporary folder every user can enter: TMPDIR when it and its parents are, else /tmp."""
+    import stat
+    import tempfile
+
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        path = Path(candidate).resolve()
+        chain = [path, *path.parents]
+        if path.is_dir() and all(p.stat().st_mode & stat.S_IXOTH for p in chain) and \
+                path.stat().st_mode & stat.S_IWOTH:
+            return str(path)
+    return None
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
 def test_permissions_for_a_user_they_stop(corpus):
     """chmod 000 on a file, and on a folder, for a user they stop (as root: a child dropped to nobody)."""
@@ -799,7 +813,10 @@ def test_permissions_for_a_user_they_stop(corpus):
             drop = pwd.getpwnam("nobody").pw_uid
         except KeyError:
             pytest.skip("running as root and there is no user nobody to drop to")
-    with tempfile.TemporaryDirectory(prefix="retino-perm-") as tmp:  # in /tmp: nobody may enter it
+    root = reachable_by_others() if drop else tempfile.gettempdir()
+    if root is None:
+        pytest.skip("no temporary folder that user nobody can reach (TMPDIR and /tmp are private)")
+    with tempfile.TemporaryDirectory(prefix="retino-perm-", dir=root) as tmp:
         base = Path(tmp)
         generate(base / "warm", n=10, size=32, seed=1)
         shutil.copytree(base / "warm", base / "ds")
@@ -1024,3 +1041,20 @@ def test_reliability_md_counts_match_the_cases():
         assert f"### {command} ({len(cases)} cases)" in text
         for case, _ in cases:
             assert f"| {case} |" in text, f"{command}: {case} missing from RELIABILITY.md"
+
+
+def test_a_private_tmpdir_falls_back_to_a_shared_one(tmp_path, monkeypatch):
+    """TMPDIR in a mode-700 home folder (clusters): the permission test must not use it for `nobody`."""
+    import tempfile
+
+    private = tmp_path / "home" / "tmp"
+    private.mkdir(parents=True)
+    (tmp_path / "home").chmod(0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    try:
+        found = reachable_by_others()
+    finally:
+        (tmp_path / "home").chmod(0o755)
+    assert found != str(private.resolve())
+    if found is not None:
+        assert all(p.stat().st_mode & stat.S_IXOTH for p in [Path(found), *Path(found).parents])

@@ -28,6 +28,11 @@ def test_bench_quick_has_every_row_and_positive_speeds():
         for precision in ("fp32", "fp16", "int8"):
             assert ("infer", f"resnet18 onnxruntime {precision} (cpu)", batch) in names
     assert ("infer", "predict end to end, JPEG folder (cpu, fp32)", 8) in names
+    for augment in ("none", "light"):
+        row = next(r for r in rows if r["name"] == "resnet18 bf16 autocast + channels_last, real input pipeline "
+                                                  f"({augment} augmentation)")
+        assert row["section"] == "pipeline" and row["baseline"] == "resnet18 bf16 autocast + channels_last"
+        assert (row["batch"], row["size"]) == (4, 32)
     assert all(r["images_per_second"] > 0 for r in rows), [r for r in rows if r["images_per_second"] <= 0]
     compared = [r for r in rows if r["baseline"]]
     assert compared and all(r["ratio"] and r["ratio"] > 0 for r in compared)
@@ -58,3 +63,25 @@ def test_bench_bad_options():
                        (["--photos", "/no/such/folder"], "--photos")):
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code == 2 and text in result.output, result.output
+
+
+def test_bench_only_pipeline_brings_its_baseline_and_reads_the_cache(tmp_path):
+    """--only pipeline times its synthetic baseline too; --data images are re-encoded at the training size."""
+    from conftest import write_image
+
+    for i in range(3):
+        write_image(tmp_path / "cache" / f"{i}.png", size=20, seed=i)
+    result = runner.invoke(app, ["bench", "--quick", "--only", "pipeline", "--data", str(tmp_path / "cache"),
+                                 "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["section"] for r in rows] == ["train", "pipeline", "pipeline"]
+    assert rows[0]["name"] == "resnet18 bf16 autocast + channels_last"
+    assert all(r["note"] == "3 JPEGs" and r["threads"] == 0 for r in rows[1:])
+    for r in rows[1:]:  # the ratio is the pipeline's rate over the synthetic one
+        assert abs(r["ratio"] - r["images_per_second"] / rows[0]["images_per_second"]) < 1e-9
+
+
+def test_bench_only_refuses_an_unknown_section():
+    result = runner.invoke(app, ["bench", "--quick", "--only", "train,gpu"])
+    assert result.exit_code == 2 and "--only takes data, train, pipeline, infer, predict; got gpu" in result.output

@@ -104,6 +104,30 @@ def test_sigkill_mid_epoch_then_resume(reference, synth_data, tmp_path):
     assert not list(run.glob(".*.tmp"))
 
 
+def test_ctrl_c_mid_epoch_exits_130_names_resume_then_resumes(reference, synth_data, tmp_path):
+    """SIGINT (Ctrl-C) is not success: exit 130 so `set -e` scripts stop, and say how to go on."""
+    project = tmp_path / "runs"
+    run = project / "cut"
+    proc = subprocess.Popen(retino("train", "--data", synth_data, *TRAIN_ARGS, "--project", project, "--name", "cut"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    try:
+        wait_for(lambda: history_rows(run) >= 1 or proc.poll() is not None)
+        time.sleep(0.2)  # into epoch 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert f"last.pt holds epoch 1; continue with: retino train --resume {run}" in err
+    assert "Next:" not in out
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+    run_ok(retino("train", "--resume", run))
+    assert same(weights(run / "last.pt"), weights(reference / "last.pt"))
+    assert history_rows(run) == 2
+
+
 def test_sigkill_while_writing_a_checkpoint(reference, synth_data, tmp_path):
     """The process kills itself after writing half of epoch 2's first checkpoint file."""
     project = tmp_path / "runs"

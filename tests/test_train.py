@@ -15,7 +15,8 @@ from retinocli.checkpoint import load_checkpoint, save_checkpoint
 from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
-from retinocli.train import HISTORY_FIELDS, new_run_dir, train
+from retinocli.train import (HISTORY_FIELDS, is_out_of_memory, new_run_dir, out_of_memory_error, train,
+                             with_index)
 from test_models import put_imagenet_weights
 
 runner = CliRunner()
@@ -185,3 +186,54 @@ def test_a_broken_image_does_not_stop_training(synth_data, tmp_path):
     result = train(cfg(data, tmp_path, epochs=1))
     assert result.stopped == "completed" and result.epochs_done == 1
     assert result.notes and result.notes[0].startswith("2 image(s) per epoch could not be read")
+
+
+def test_torchrun_one_process_still_runs_distributed(synth_data, tmp_path):
+    """One GPU can try the DDP path: torchrun with one process wraps the model all the same."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           "-m", "retinocli", "train", "--data", str(synth_data), "--img-size", "32", "--epochs", "1",
+           "--batch-size", "16", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    config = json.loads((tmp_path / "runs" / "train" / "config.json").read_text())
+    assert config["distributed"] is True and config["world_size"] == 1
+    ckpt = load_checkpoint(tmp_path / "runs" / "train" / "last.pt")
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_plain_run_is_not_distributed(trained_run):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["distributed"] is False and config["world_size"] == 1
+
+
+def test_cuda_without_an_index_means_this_ranks_gpu():
+    # torch.cuda.set_device(torch.device("cuda")) raises; the H100 run found it
+    assert with_index(torch.device("cuda")) == torch.device("cuda", 0)
+    assert with_index(torch.device("cuda"), local_rank=3) == torch.device("cuda", 3)
+    assert with_index(torch.device("cuda", 1), local_rank=0) == torch.device("cuda", 1)
+    assert with_index(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_out_of_memory_is_recognised_however_it_surfaces():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    try:  # torch.compile wraps the allocator's error in its own
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as wrapped:
+        assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not an error torch raises
+
+
+def test_out_of_memory_message_suggests_half_the_batch(tmp_path):
+    config = TrainConfig(arch="resnet152", img_size=1024, batch_size=384)
+    first = str(out_of_memory_error(config, 0, tmp_path))
+    assert first == ("CUDA ran out of memory at --batch-size 384 (resnet152, 1024px); "
+                     "try --batch-size 192 or a smaller --img-size")
+    later = str(out_of_memory_error(config, 3, tmp_path))
+    assert later.startswith(first) and f"{tmp_path}/last.pt keeps epoch 3" in later
