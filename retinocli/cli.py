@@ -48,6 +48,16 @@ def check_output_file(path: Path | None, force: bool) -> None:
         raise RetinoError(f"{path} already exists; pass --force to overwrite it")
 
 
+def _print_differences(differences: dict[str, dict]) -> None:
+    """A line per run naming the settings it does not share with the others."""
+    from retinocli.report import describe_settings
+
+    if differences:
+        console.print("What differs between the runs:")
+    for name, settings in differences.items():
+        console.print(f"  {escape(name)}: {escape(describe_settings(settings))}", highlight=False)
+
+
 # Options every command that reads a dataset shares.
 LayoutOpt = Annotated[Optional[str], typer.Option(
     "--layout", help="Force a layout: course, kaggle, aptos, idrid, folders, csv, cache (default: detect).")]
@@ -302,6 +312,7 @@ def report(
         console.print(f"[bold red]warning:[/] {line}")
     for line in result.notes:
         console.print(f"[yellow]note:[/] {line}")
+    _print_differences(result.differences)
     console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
 
 
@@ -415,7 +426,9 @@ def compare(
         return
     for line in result.done + [f"[yellow]note:[/] {n}" for n in result.notes]:
         console.print(line)
+    _print_differences(result.differences)
     console.print(f"Report: [bold]{result.markdown}[/]")
+
 
 
 @app.command()

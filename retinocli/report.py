@@ -188,6 +188,47 @@ def run_label(config: dict) -> str:
     return f"{config.get('arch', '?')} · {weights_label(config)} · {config.get('mode', '?')}"
 
 
+#: config.json keys that name a run or record its machine, not how it trained (``pretrained``
+#: is said by ``weights``; ``parameters`` follows from ``arch``).
+NOT_SETTINGS = ("name", "project", "versions", "dataset", "parameters", "pretrained")
+
+
+def _settings(config: dict) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    label = weights_label(config)
+    tag = str(config.get("weights") or "")
+    # two ImageNet tags (IMAGENET1K_V1 against DEFAULT) are different weights: keep the tag
+    out["weights"] = f"{label} ({tag})" if label == "ImageNet" and tag and tag.upper() != "DEFAULT" else label
+    return out
+
+
+def settings_that_differ(configs: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per run name, the config.json settings whose value is not the same in every run.
+
+    ``weights`` is given as :func:`weights_label` says it (``ImageNet``, ``scratch``, a file
+    name); a setting a run did not record is None. One run, or runs trained alike: {}.
+    """
+    values = {name: _settings(cfg) for name, cfg in configs.items()}
+    keys = list(dict.fromkeys(k for v in values.values() for k in v))
+    differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True, default=str)
+                                      for v in values.values()}) > 1]
+    return {name: {k: v.get(k) for k in differ} for name, v in values.items()} if differ else {}
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """``arch resnet50, weights scratch, learning_rate 0.001``; None reads ``default``."""
+    def word(v: Any) -> str:
+        if v is None:
+            return "default"
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+    return ", ".join(f"{k} {word(v)}" for k, v in settings.items())
+
+
 def load_run(path: str | Path) -> RunSummary:
     """Read a run folder (or a file inside it, such as its best.pt).
 
@@ -630,6 +671,7 @@ TRAIN_HEADER = ["run", "arch", "weights", "mode", "img size", "epochs", "best ep
 TEST_HEADER = ["run", "split", "images", "accuracy", "majority baseline", "balanced accuracy", "macro F1", "QWK",
                "referable sensitivity", "referable specificity", "referable AUC", "OvR macro AUC"]
 GRADE_HEADER = ["grade", "precision", "recall", "F1", "support"]
+DIFFER_COLUMN = "differs from the others"
 
 
 def _train_row(run: RunSummary) -> list[Any]:
@@ -689,7 +731,16 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
     lines = [f"# {title}", "",
              f"{len(runs)} run(s): " + ", ".join(f"`{r.name}` ({r.label}, `{r.dir}`)" for r in runs) + ".", "",
              "## Training", ""]
-    lines += _table(TRAIN_HEADER, [_train_row(r) for r in runs])
+    differ = settings_that_differ({r.name: r.config for r in runs})
+    if differ:
+        lines += _table([*TRAIN_HEADER, DIFFER_COLUMN],
+                        [[*_train_row(r), describe_settings(differ[r.name])] for r in runs])
+        lines += ["", f"{DIFFER_COLUMN}: the settings in config.json whose value is not the same in every run "
+                  f"({', '.join(next(iter(differ.values())))}); all other settings are shared."]
+    else:
+        lines += _table(TRAIN_HEADER, [_train_row(r) for r in runs])
+        if len(runs) > 1:
+            lines += ["", "The runs were trained with the same settings (config.json)."]
     metrics_used = sorted({METRIC_NAMES[r.select_metric] for r in runs})
     lines += ["", f"Best epoch: the epoch with the best {' / '.join(metrics_used)} (each run's `select_metric`, "
               "the one best.pt keeps); val accuracy and val QWK are that epoch's. "
@@ -745,6 +796,8 @@ class ReportResult:
         markdown: report.md.
         warnings: runs no better than the majority grade (also in report.md).
         notes: figures skipped and why.
+        differences: per run name, the settings not the same in every run
+            (:func:`settings_that_differ`; also in report.md's training table).
     """
 
     out: Path
@@ -752,10 +805,11 @@ class ReportResult:
     markdown: Path
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "markdown": str(self.markdown), "figures": [str(p) for p in self.figures],
-                "warnings": list(self.warnings), "notes": list(self.notes)}
+                "warnings": list(self.warnings), "notes": list(self.notes), "differences": self.differences}
 
 
 def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,
@@ -824,7 +878,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     md = out / "report.md"
     text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes)
     md.write_text(text, encoding="utf-8")
-    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded), notes=notes)
+    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded), notes=notes,
+                        differences=settings_that_differ({r.name: r.config for r in loaded}))
 
 
 def _same_split(a, b) -> bool:

@@ -289,3 +289,42 @@ def test_runs_on_one_split_share_one_grey_majority_bar_and_the_roc_title(tmp_pat
     ax = roc_figure(runs).axes[0]
     assert ax.get_title() == "Referable DR (grade ≥ 2 vs < 2), test split, 100 images"
     assert texts(ax.get_legend().get_texts())[1].startswith(f"{runs[0].label} (AUC ")
+
+
+def test_what_differs_between_runs_in_the_table_the_json_and_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from retinocli.cli import app
+    from retinocli.report import settings_that_differ
+
+    a = make_run(tmp_path, "a")
+    b = make_run(tmp_path, "b", arch="resnet50", weights=None)
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**config, "learning_rate": 1e-3, "versions": {"device": "cuda"}}))
+    want = {"a": {"arch": "resnet18", "weights": "ImageNet", "learning_rate": 3e-4},
+            "b": {"arch": "resnet50", "weights": "scratch", "learning_rate": 1e-3}}
+
+    result = write_report([a, b], tmp_path / "rep")
+    assert result.differences == result.to_dict()["differences"] == want
+    md = result.markdown.read_text()
+    train = table(md, "## Training")
+    assert train["a"]["differs from the others"] == "arch resnet18, weights ImageNet, learning_rate 0.0003"
+    assert train["b"]["differs from the others"] == "arch resnet50, weights scratch, learning_rate 0.001"
+    assert "(arch, weights, learning_rate); all other settings are shared" in md
+
+    cli = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "rep"), "--force", "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["differences"] == want
+    cli = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "rep"), "--force"])
+    lines = [line.strip() for line in cli.output.splitlines()]
+    start = lines.index("What differs between the runs:")
+    assert lines[start + 1: start + 3] == ["a: arch resnet18, weights ImageNet, learning_rate 0.0003",
+                                           "b: arch resnet50, weights scratch, learning_rate 0.001"]
+
+    # two ImageNet tags are two weights; runs trained alike differ in nothing
+    tags = settings_that_differ({"x": {"arch": "r", "weights": "IMAGENET1K_V1", "pretrained": True},
+                                 "y": {"arch": "r", "weights": "DEFAULT", "pretrained": True}})
+    assert tags == {"x": {"weights": "ImageNet (IMAGENET1K_V1)"}, "y": {"weights": "ImageNet"}}
+    assert settings_that_differ({"x": {"arch": "r", "name": "x"}, "y": {"arch": "r", "name": "y"}}) == {}
+    alone = write_report([a], tmp_path / "alone")
+    assert alone.differences == {} and "differs from the others" not in alone.markdown.read_text()
