@@ -461,8 +461,10 @@ def prepare(
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
+    decoded = result.written + len(result.failed)
     console.print(f"{out}: {result.count:,} images ({result.written:,} written now, {result.skipped:,} already "
-                  f"there), {result.bytes / 1e6:,.1f} MB, {result.images_per_second:,.1f} img/s")
+                  f"there), {result.bytes / 1e6:,.1f} MB; {result.images_per_second:,.1f} img/s "
+                  f"({decoded:,} decoded in {result.work_seconds:,.1f} s)")
     for item in result.failed[:5]:
         console.print(f"[yellow]unreadable:[/] {item['path']}: {item['reason']}")
     if len(result.failed) > 5:
