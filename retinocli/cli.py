@@ -430,7 +430,6 @@ def compare(
     console.print(f"Report: [bold]{result.markdown}[/]")
 
 
-
 @app.command()
 def prepare(
     data: Annotated[Path, typer.Argument(help="Dataset folder (any layout retino stats reads).")],
