@@ -2,22 +2,28 @@
 
 Three sections, one table:
 
-- data: images/s of one worker process turning a file into a training tensor. Baseline: the
-  reports' way (``PIL.Image.open().convert("RGB")``, ``transforms.Resize``, ``ToTensor``,
-  ``Normalize`` per image). retino: ``preprocess.load_and_prepare`` (JPEG draft decoding, uint8
-  out; normalisation happens later, batched on the device) on the same files.
+- data: images/s of one worker process turning a file into a training tensor. Baseline: "PIL +
+  torchvision transforms, one image at a time" (``PIL.Image.open().convert("RGB")``,
+  ``transforms.Resize``, ``ToTensor``, ``Normalize`` per image, as the course reports do).
+  retino's loader: ``preprocess.load_and_prepare`` (JPEG decoded at reduced size in draft mode,
+  uint8 out; normalisation happens later, batched on the device) on the same files.
 - train: images/s of a full training step (forward, backward, AdamW) on synthetic batches
-  already on the device. Baseline: fp32 NCHW. retino: bf16 autocast + channels_last, and
-  torch.compile with ``--compile``.
-- pipeline: the same bf16 + channels_last step fed by retino's real input pipeline (worker
-  processes decoding a prepared cache's JPEGs, augmenting, pinned copies), per augmentation
-  preset. Baseline: the synthetic-tensor row above, so the ratio says how much of the model's
-  speed the input pipeline delivers.
+  already on the device. Baseline: PyTorch in fp32 with the standard (NCHW) memory layout.
+  retino: mixed precision (bf16 autocast, fp16 where a GPU has no bf16) with the channels-last
+  (NHWC) memory layout, and torch.compile with ``--compile``.
+- pipeline: the same mixed-precision channels-last step fed by retino's real input pipeline
+  (worker processes decoding a prepared cache's JPEGs, augmenting, pinned copies), per
+  augmentation preset. Baseline: the synthetic-tensor row above, so the ratio says how much of
+  the model's speed the input pipeline delivers.
 - infer: images/s of a forward pass at batch 1, 8 and 64 (and 256 on a GPU). Baseline: PyTorch
-  eager fp32. retino: PyTorch bf16 autocast and fp16 channels_last on a GPU; onnxruntime on CPU
-  (fp32, fp16, int8) and CUDA / TensorRT (fp32, fp16) when present, and ``predict`` end to end
-  over a folder of JPEGs (decode threads overlapped with inference). With a GPU the CPU rows
-  run at batch 1 and 8 only, as the baseline a CPU-only machine would give.
+  fp32 (eager). retino: PyTorch bf16 mixed precision and fp16 weights, channels-last, on a GPU;
+  ONNX Runtime on CPU (fp32, fp16, int8) and on a GPU through CUDA / TensorRT (fp32, fp16) when
+  present, and ``retino predict`` end to end over a folder of JPEGs (decode threads overlapped
+  with inference). With a GPU the CPU rows run at batch 1 and 8 only, as the baseline a
+  CPU-only machine would give.
+
+Row names say what runs in the user's words; the functions below build them, so each row's
+``baseline`` is exactly another row's name.
 
 Speeds are measured after warm-up over at least ``min_seconds``; a GPU is synchronised before a
 clock is read. Nothing here is asserted: targets live in BENCHMARKS.md.
@@ -69,6 +75,40 @@ class BenchResult:
 
 SECTIONS = ("data", "train", "pipeline", "infer", "predict")
 AUGMENTS = ("none", "light")  # pipeline rows: no augmentation, then the training default
+
+# ---------------------------------------------------------------------------- row names
+DATA_BASELINE = "PIL + torchvision transforms, one image at a time"
+DATA_RETINO = "retino loader (JPEG decoded at the size it needs, uint8)"
+DATA_RETINO_CROP = "retino loader + crop to the fundus"
+TRAIN_VARIANTS = {  # what a training row says: (amp, channels_last, compiled)
+    "PyTorch, fp32, standard memory layout": (False, False, False),
+    "mixed precision, channels-last memory layout": (True, True, False),
+    "mixed precision, channels-last memory layout, torch.compile": (True, True, True),
+}
+TRAIN_BASELINE, TRAIN_FAST, TRAIN_COMPILED = TRAIN_VARIANTS
+PROVIDER_WORDS = {"cpu": "CPU", "cuda": "GPU via CUDA", "tensorrt": "GPU via TensorRT"}
+
+
+def train_name(arch: str, variant: str) -> str:
+    return f"{arch}, {variant}"
+
+
+def pipeline_name(arch: str, augment: str) -> str:
+    how = "no augmentation" if augment == "none" else f"{augment} augmentation"
+    return f"{arch}, {TRAIN_FAST}, fed by the real input pipeline ({how})"
+
+
+def torch_infer_name(arch: str, what: str, device_type: str) -> str:
+    """``resnet18, PyTorch fp32, CPU``; ``what`` is the precision (and memory layout)."""
+    return f"{arch}, PyTorch {what}, {'GPU' if device_type == 'cuda' else 'CPU'}"
+
+
+def onnx_infer_name(arch: str, precision: str, provider: str) -> str:
+    return f"{arch}, ONNX Runtime {precision}, {PROVIDER_WORDS.get(provider, provider)}"
+
+
+def predict_name(provider: str, precision: str) -> str:
+    return f"retino predict end to end, JPEG folder ({PROVIDER_WORDS.get(provider, provider)}, {precision})"
 
 
 @dataclass(frozen=True)
@@ -160,14 +200,14 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> li
 
 
 def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> list[Row]:
-    """One process, one thread: the reports' per-image pipeline against retino's."""
+    """One process, one thread: PIL + torchvision transforms per image against retino's loader."""
     import torch
     from PIL import Image
     from torchvision import transforms
 
     torch.set_num_threads(1)
-    reports = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                  transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    pil_transforms = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     prep = Preprocess(size=size, mode="none")
     crop = Preprocess(size=size, mode="crop")
     it = {"i": 0}
@@ -176,9 +216,9 @@ def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> 
         it["i"] = (it["i"] + 1) % len(paths)
         return paths[it["i"]]
 
-    def the_reports_way() -> int:
+    def per_image() -> int:
         with Image.open(next_path()) as im:
-            reports(im.convert("RGB"))
+            pil_transforms(im.convert("RGB"))
         return 1
 
     def retino(p: Preprocess) -> Callable[[], int]:
@@ -187,9 +227,9 @@ def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> 
             return 1
         return f
 
-    base = f"reports' way, {label}"
-    rows = [Row("data", base, "cpu", 1, 1, size, timed(the_reports_way, min_seconds=min_seconds))]
-    for name, p in ((f"retino, {label}", prep), (f"retino crop, {label}", crop)):
+    base = f"{DATA_BASELINE}, {label}"
+    rows = [Row("data", base, "cpu", 1, 1, size, timed(per_image, min_seconds=min_seconds))]
+    for name, p in ((f"{DATA_RETINO}, {label}", prep), (f"{DATA_RETINO_CROP}, {label}", crop)):
         rows.append(Row("data", name, "cpu", 1, 1, size, timed(retino(p), min_seconds=min_seconds), baseline=base))
     torch.set_num_threads(os.cpu_count() or 1)
     return rows
@@ -228,13 +268,6 @@ def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled
     return step
 
 
-TRAIN_VARIANTS = {  # label: (amp, channels_last, compiled)
-    "fp32 NCHW": (False, False, False),
-    "bf16 autocast + channels_last": (True, True, False),
-    "bf16 + channels_last + torch.compile": (True, True, True),
-}
-
-
 def bench_train(arch: str, size: int, batch: int, device, *, compile_too: bool, min_seconds: float,
                 variants: tuple[str, ...] | None = None) -> list[Row]:
     import torch
@@ -245,10 +278,10 @@ def bench_train(arch: str, size: int, batch: int, device, *, compile_too: bool, 
     rows: list[Row] = []
     if variants is None:
         variants = tuple(TRAIN_VARIANTS)[:3 if compile_too else 2]
-    base = f"{arch} fp32 NCHW"
+    base = train_name(arch, TRAIN_BASELINE)
     for label in variants:
         amp, channels_last, compiled = TRAIN_VARIANTS[label]
-        name = f"{arch} {label}"
+        name = train_name(arch, label)
         try:
             step = training_step(arch, device, amp=amp, channels_last=channels_last, compiled=compiled)
             xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -262,7 +295,7 @@ def bench_train(arch: str, size: int, batch: int, device, *, compile_too: bool, 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(Row("train", name, str(device), torch.get_num_threads(), batch, size, rate,
-                        baseline=None if label == "fp32 NCHW" else base))
+                        baseline=None if label == TRAIN_BASELINE else base))
     return rows
 
 
@@ -300,7 +333,7 @@ def pipeline_images(source: Path | None, size: int, folder: Path, n: int) -> lis
 
 def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, *, augment: str, workers: int,
                    min_seconds: float, epoch_batches: int = 24) -> Row:
-    """The bf16 + channels_last training step fed by FundusDataset workers, whole epochs timed.
+    """The mixed-precision channels-last training step fed by FundusDataset workers, whole epochs timed.
 
     Epoch 0 is the warm-up (worker start, cuDNN autotuning); then whole epochs are timed
     from the first batch request to the last step, so the prefetch queue starts empty each
@@ -342,17 +375,16 @@ def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, 
         if elapsed >= min_seconds:
             break
     del loader  # stops the persistent workers
-    return Row("pipeline", f"{arch} bf16 autocast + channels_last, real input pipeline ({augment} augmentation)",
-               str(device), workers, batch, size, done / elapsed, baseline=f"{arch} bf16 autocast + channels_last",
-               note=f"{len(paths)} JPEGs")
+    return Row("pipeline", pipeline_name(arch, augment), str(device), workers, batch, size, done / elapsed,
+               baseline=train_name(arch, TRAIN_FAST), note=f"{len(paths)} JPEGs")
 
 
 def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Path, *, min_seconds: float,
                 notes: list[str]) -> tuple[list[Row], dict[str, Path]]:
-    """PyTorch eager against onnxruntime per batch size; returns the rows and the ONNX files made.
+    """PyTorch fp32 (eager) against ONNX Runtime per batch size; returns the rows and the ONNX files made.
 
     With a GPU, PyTorch runs there in fp32, bf16 autocast and fp16 at every batch; the CPU
-    rows (PyTorch and onnxruntime CPU fp32) run at batch 1 and 8 only.
+    rows (PyTorch and ONNX Runtime CPU fp32) run at batch 1 and 8 only.
     """
     import onnxruntime as ort
     import torch
@@ -391,7 +423,7 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
             m = model.to(dev)
             xt = torch.from_numpy(x).to(dev)
             sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-            base = f"{arch} PyTorch eager fp32 ({dev.type})"
+            base = torch_infer_name(arch, "fp32", dev.type)
             try:
                 rows.append(Row("infer", base, str(dev), torch.get_num_threads(), batch, size,
                                 timed(_forward(m, xt), min_seconds=min_seconds, sync=sync, warmup=2)))
@@ -399,12 +431,12 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
                     continue
                 xl = xt.contiguous(memory_format=torch.channels_last)
                 m.to(memory_format=torch.channels_last)
-                rows.append(Row("infer", f"{arch} PyTorch bf16 autocast channels_last (cuda)", str(dev),
-                                torch.get_num_threads(), batch, size,
+                rows.append(Row("infer", torch_infer_name(arch, "bf16 mixed precision, channels-last", "cuda"),
+                                str(dev), torch.get_num_threads(), batch, size,
                                 timed(_forward(m, xl, autocast=torch.bfloat16), min_seconds=min_seconds, sync=sync,
                                       warmup=2), baseline=base))
                 m.to(memory_format=torch.contiguous_format)
-                rows.append(Row("infer", f"{arch} PyTorch eager fp16 channels_last (cuda)", str(dev),
+                rows.append(Row("infer", torch_infer_name(arch, "fp16, channels-last", "cuda"), str(dev),
                                 torch.get_num_threads(), batch, size,
                                 timed(_forward(half, xl.half()), min_seconds=min_seconds, sync=sync, warmup=2),
                                 baseline=base))
@@ -414,9 +446,9 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
         for (provider, precision), grader in graders.items():
             if provider == "cpu" and not cpu_too:
                 continue
-            # fp32 is compared with PyTorch eager; fp16 and int8 with fp32 on the same provider
-            base = (f"{arch} PyTorch eager fp32 ({'cpu' if provider == 'cpu' else 'cuda'})" if precision == "fp32"
-                    else f"{arch} onnxruntime fp32 ({provider})")
+            # fp32 is compared with PyTorch fp32; fp16 and int8 with fp32 on the same provider
+            base = (torch_infer_name(arch, "fp32", "cpu" if provider == "cpu" else "cuda") if precision == "fp32"
+                    else onnx_infer_name(arch, "fp32", provider))
 
             def onnx_run(grader=grader, x=x) -> int:
                 grader.run(x)
@@ -428,7 +460,7 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
                 notes.append(f"onnxruntime {provider} {precision} batch {batch}: {exc}")
                 continue
             threads = ort.SessionOptions().intra_op_num_threads or (os.cpu_count() or 1)
-            rows.append(Row("infer", f"{arch} onnxruntime {precision} ({provider})", grader.provider, threads,
+            rows.append(Row("infer", onnx_infer_name(arch, precision, provider), grader.provider, threads,
                             batch, size, rate, baseline=base))
     model.to("cpu")
     return rows, paths
@@ -487,7 +519,7 @@ def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp
     out = tmp / f"pred-{provider}.csv"
     predict_folder(folder, grader, out=out, batch_size=batch, force=True)  # warm-up
     summary = predict_folder(folder, grader, out=out, batch_size=batch, force=True)
-    return Row("infer", f"predict end to end, JPEG folder ({provider}, {grader.info.precision})", grader.provider,
+    return Row("infer", predict_name(provider, grader.info.precision), grader.provider,
                default_threads(), batch, grader.info.preprocess.size, summary.images_per_second)
 
 
@@ -541,8 +573,8 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
         if wanted & {"train", "pipeline"}:
             for arch in archs:
                 say(f"training step {arch}")
-                # the pipeline rows' baseline is the synthetic bf16 row, so it runs with them
-                variants = None if "train" in wanted else ("bf16 autocast + channels_last",)
+                # the pipeline rows' baseline is the synthetic mixed-precision row, so it runs with them
+                variants = None if "train" in wanted else (TRAIN_FAST,)
                 rows += bench_train(arch, train_size, train_batch(arch), device, compile_too=plan.compile,
                                     min_seconds=min_s, variants=variants)
         if "pipeline" in wanted:

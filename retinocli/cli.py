@@ -117,6 +117,16 @@ def check_output_file(path: Path | None, force: bool) -> None:
         raise RetinoError(f"{path} already exists; pass --force to overwrite it")
 
 
+def _print_differences(differences: dict[str, dict]) -> None:
+    """A line per run naming the settings it does not share with the others."""
+    from retinocli.report import describe_settings
+
+    if differences:
+        console.print("What differs between the runs:")
+    for name, settings in differences.items():
+        console.print(f"  {escape(name)}: {escape(describe_settings(settings))}", highlight=False)
+
+
 # Options every command that reads a dataset shares.
 LayoutOpt = Annotated[Optional[str], typer.Option(
     "--layout", help="Force a layout: course, kaggle, aptos, idrid, folders, csv, cache (default: detect).")]
@@ -373,6 +383,7 @@ def report(
         console.print(f"[bold red]warning:[/] {line}")
     for line in result.notes:
         console.print(f"[yellow]note:[/] {line}")
+    _print_differences(result.differences)
     console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
 
 
@@ -486,6 +497,7 @@ def compare(
         return
     for line in result.done + [f"[yellow]note:[/] {n}" for n in result.notes]:
         console.print(line)
+    _print_differences(result.differences)
     console.print(f"Report: [bold]{result.markdown}[/]")
 
 
@@ -519,8 +531,10 @@ def prepare(
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
+    decoded = result.written + len(result.failed)
     console.print(f"{out}: {result.count:,} images ({result.written:,} written now, {result.skipped:,} already "
-                  f"there), {result.bytes / 1e6:,.1f} MB, {result.images_per_second:,.1f} img/s")
+                  f"there), {result.bytes / 1e6:,.1f} MB; {result.images_per_second:,.1f} img/s "
+                  f"({decoded:,} decoded in {result.work_seconds:,.1f} s)")
     for item in result.failed[:5]:
         console.print(f"[yellow]unreadable:[/] {item['path']}: {item['reason']}")
     if len(result.failed) > 5:

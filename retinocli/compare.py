@@ -40,11 +40,13 @@ class CompareResult:
     evaluated_split: str
     done: list[str] = field(default_factory=list)  # what happened to each cell
     notes: list[str] = field(default_factory=list)
+    # per run name, the settings not the same in every run (report.settings_that_differ)
+    differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"parent": str(self.parent), "runs": [str(r) for r in self.runs], "report_dir": str(self.report_dir),
                 "markdown": str(self.markdown), "split": self.evaluated_split, "done": self.done,
-                "notes": self.notes}
+                "notes": self.notes, "differences": self.differences}
 
 
 def grid(archs: list[str], pretrained: str) -> list[Cell]:
@@ -148,4 +150,4 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
             notes.extend(f"{cell.name}: {n}" for n in evaluated.notes)
     report = write_report(runs, parent / "report", force=True, title=f"Comparison {parent.name}")
     return CompareResult(parent=parent, runs=runs, report_dir=report.out, markdown=report.markdown,
-                         evaluated_split=split, done=done, notes=notes)
+                         evaluated_split=split, done=done, notes=notes, differences=report.differences)

@@ -85,14 +85,19 @@ def render_stats(stats: dict, warnings: list[str], console: Console) -> None:
 
 
 class _RateColumn(ProgressColumn):
-    """Items per second, the number every long job in retino is judged by."""
+    """Items per second, the number every long job in retino is judged by.
+
+    A task that carries a ``rate`` field (``retino prepare``'s does) shows that number, the
+    one its summary prints; others show rich's estimate over their recent updates.
+    """
 
     def __init__(self, unit: str = "img"):
         super().__init__()
         self.unit = unit
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        rate = task.fields.get("rate")
+        speed = rate if rate is not None else (task.finished_speed or task.speed)
         return Text("-" if speed is None else f"{speed:,.1f} {self.unit}/s", style="cyan")
 
 

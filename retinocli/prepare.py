@@ -77,8 +77,11 @@ class PrepareResult:
         skipped: image files already complete from an earlier run.
         failed: source images that could not be read: image, split, path, reason.
         missing: records whose image the source lists but does not have on disk.
-        seconds: wall time of the run.
-        images_per_second: written / seconds.
+        seconds: wall time of the run, start-up included.
+        work_seconds: from the first image handed to a worker to the last one finished.
+        images_per_second: images this run decoded (written or found unreadable) per
+            work second; skipped images and start-up are not in it. The progress bar shows
+            this same number (:class:`Rate`).
         bytes: size on disk of the cache's images and its two files.
         notes: the source dataset's notes.
     """
@@ -90,6 +93,7 @@ class PrepareResult:
     failed: list[dict]
     missing: int
     seconds: float
+    work_seconds: float
     images_per_second: float
     bytes: int
     notes: list[str] = field(default_factory=list)
@@ -148,7 +152,8 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
     _remove_temporaries(out / IMAGES_DIR)
     todo = [(file, src) for file, src in jobs.items() if not (out / file).is_file()]
     skipped = len(jobs) - len(todo)
-    reasons = _write_all(todo, out, prep, fmt, quality, workers, _ticker(progress, len(jobs), skipped))
+    rate = Rate()
+    reasons = _write_all(todo, out, prep, fmt, quality, workers, _ticker(progress, len(jobs), skipped, rate))
 
     failed, rows, reported = [], [], set()
     for rec, file in planned:
@@ -169,9 +174,8 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
     on_disk += (out / CACHE_LABELS).stat().st_size + (out / CACHE_MANIFEST).stat().st_size
     seconds = time.perf_counter() - start
     return PrepareResult(out=out, count=len(rows), written=written, skipped=skipped, failed=failed,
-                         missing=missing, seconds=round(seconds, 3),
-                         images_per_second=round(written / seconds, 2) if written else 0.0,
-                         bytes=on_disk, notes=list(ds.notes))
+                         missing=missing, seconds=round(seconds, 3), work_seconds=round(rate.seconds, 6),
+                         images_per_second=rate.per_second, bytes=on_disk, notes=list(ds.notes))
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -316,17 +320,53 @@ def plan_files(ds: Dataset, fmt: str) -> tuple[list[tuple[dict, str]], dict[str,
 # ---------------------------------------------------------------------------- the work
 
 
-def _ticker(progress, total: int, done: int) -> Callable[[], None]:
-    """One call per image finished; images already in the cache count as done from the start."""
+class Rate:
+    """The one rate ``prepare`` reports, in its progress bar and in its result.
+
+    Images this run decoded (written, or found unreadable) per second, from the moment the
+    first is handed to a worker (the clock starts when the Rate is made) to the last one
+    finished. Images already in the cache and the start-up before (reading the dataset,
+    checking the folder) are left out, so a resumed run's rate is the speed of its work.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.done = 0
+        self.seconds = 0.0
+
+    def tick(self) -> None:
+        self.done += 1
+        self.seconds = time.perf_counter() - self.start
+
+    @property
+    def per_second(self) -> float:
+        return round(self.done / self.seconds, 2) if self.done and self.seconds > 0 else 0.0
+
+
+def _ticker(progress, total: int, done: int, rate: Rate) -> Callable[[], None]:
+    """One call per image finished; images already in the cache count as done from the start.
+
+    A rich Progress task carries ``rate`` in its fields, which :func:`retinocli.display.progress_bar`
+    shows instead of rich's own estimate, so the bar ends on the number the summary prints.
+    """
     if progress is None:
-        return lambda: None
+        return rate.tick
     if hasattr(progress, "add_task"):
-        # completed= at creation adds no speed sample, so the rate counts only new work
-        task = progress.add_task("prepare", total=total, completed=done, postfix="")
-        return lambda: progress.advance(task)
+        task = progress.add_task("prepare", total=total, completed=done, postfix="", rate=None)
+
+        def tick() -> None:
+            rate.tick()
+            progress.update(task, advance=1, rate=rate.per_second)
+
+        return tick
     count = itertools.count(done + 1)
     progress(done, total)
-    return lambda: progress(next(count), total)
+
+    def call() -> None:
+        rate.tick()
+        progress(next(count), total)
+
+    return call
 
 
 def write_image(src: str, dst: str, size: int, mode: str, fmt: str, quality: int) -> str | None:

@@ -40,6 +40,7 @@ FIGSIZE: dict[str, tuple[float, float]] = {
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 TRAIN_COLOR, VAL_COLOR, BASELINE_COLOR = "#E69F00", "#0072B2", "#555555"
 SPLIT_COLORS = {"train": "#0072B2", "val": "#E69F00", "test": "#009E73"}
+BASELINE_STYLE = "-."  # dash-dot: a majority-grade bar, never a training curve
 MISSING = "–"  # what a table shows for NaN or a value the run did not record
 HISTORY_COLUMNS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                    "val_qwk", "val_balanced_accuracy", "images_per_second")
@@ -187,6 +188,47 @@ def run_label(config: dict) -> str:
     return f"{config.get('arch', '?')} · {weights_label(config)} · {config.get('mode', '?')}"
 
 
+#: config.json keys that name a run or record its machine, not how it trained (``pretrained``
+#: is said by ``weights``; ``parameters`` follows from ``arch``).
+NOT_SETTINGS = ("name", "project", "versions", "dataset", "parameters", "pretrained")
+
+
+def _settings(config: dict) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    label = weights_label(config)
+    tag = str(config.get("weights") or "")
+    # two ImageNet tags (IMAGENET1K_V1 against DEFAULT) are different weights: keep the tag
+    out["weights"] = f"{label} ({tag})" if label == "ImageNet" and tag and tag.upper() != "DEFAULT" else label
+    return out
+
+
+def settings_that_differ(configs: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per run name, the config.json settings whose value is not the same in every run.
+
+    ``weights`` is given as :func:`weights_label` says it (``ImageNet``, ``scratch``, a file
+    name); a setting a run did not record is None. One run, or runs trained alike: {}.
+    """
+    values = {name: _settings(cfg) for name, cfg in configs.items()}
+    keys = list(dict.fromkeys(k for v in values.values() for k in v))
+    differ = [k for k in keys if len({json.dumps(v.get(k), sort_keys=True, default=str)
+                                      for v in values.values()}) > 1]
+    return {name: {k: v.get(k) for k in differ} for name, v in values.items()} if differ else {}
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """``arch resnet50, weights scratch, learning_rate 0.001``; None reads ``default``."""
+    def word(v: Any) -> str:
+        if v is None:
+            return "default"
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, float):
+            return f"{v:g}"
+        return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+    return ", ".join(f"{k} {word(v)}" for k, v in settings.items())
+
+
 def load_run(path: str | Path) -> RunSummary:
     """Read a run folder (or a file inside it, such as its best.pt).
 
@@ -330,6 +372,11 @@ def _grade_short(grade: int) -> str:
     return GRADE_NAMES[grade] if 0 <= grade < len(GRADE_NAMES) else f"grade {grade}"
 
 
+def grade_label(grade: int) -> str:
+    """``2 Moderate``: how every figure's axis names a grade (confusion matrices, class balance)."""
+    return f"{grade} {_grade_short(grade)}"
+
+
 def _title(run: RunSummary) -> str:
     """The label, and the run's name unless the label already carries it."""
     return run.label if run.label.endswith(f"({run.name})") else f"{run.label} — {run.name}"
@@ -361,7 +408,7 @@ def curves_figure(run: RunSummary) -> Figure:
                     markeredgecolor="black", markeredgewidth=0.6, linestyle="none", zorder=5)
         if key == "accuracy" and (base := run.val_baseline()) is not None:
             grade, acc = base
-            ax.axhline(acc, color=BASELINE_COLOR, linestyle="--", linewidth=1.2,
+            ax.axhline(acc, color=BASELINE_COLOR, linestyle=BASELINE_STYLE, linewidth=1.2,
                        label=f"always {_grade_short(grade)}: {acc:.1%}")
         if key == "qwk":
             ax.axhline(0, color="#BBBBBB", linewidth=0.8)
@@ -378,8 +425,31 @@ def curves_figure(run: RunSummary) -> Figure:
     return fig
 
 
+def _baseline_groups(runs: list[RunSummary]) -> list[tuple[int, float, list[RunSummary]]]:
+    """(grade, accuracy, runs) of always answering the commonest grade, once per validation split:
+    runs whose split.csv lists the same validation images share one entry.
+    """
+    groups: list[tuple[int, float, list[RunSummary]]] = []
+    for run in runs:
+        base = run.val_baseline()
+        if base is None:
+            continue
+        val = run.split[run.split["split"] == "val"]
+        for _, _, members in groups:
+            first = members[0].split
+            if _same_split(first[first["split"] == "val"], val):
+                members.append(run)
+                break
+        else:
+            groups.append((*base, [run]))
+    return groups
+
+
 def comparison_figure(runs: list[RunSummary]) -> Figure:
-    """Every run's validation (solid) and training (dashed) accuracy on one axis."""
+    """Every run's validation (solid) and training (dashed) accuracy on one axis, with the
+    majority-grade bar (dash-dot) of each validation split: grey when all runs share one,
+    else in the colour of the run whose split it is.
+    """
     from matplotlib.lines import Line2D
 
     fig = _new_figure(FIGSIZE["comparison"])
@@ -392,14 +462,15 @@ def comparison_figure(runs: list[RunSummary]) -> Figure:
         (val,) = ax.plot(h["epoch"], h["val_accuracy"], color=color, linewidth=2, marker="o", markersize=3.5,
                          label=run.label)
         handles.append(val)
-    baselines: dict[float, list[str]] = {}
-    for run in runs:
-        if (base := run.val_baseline()) is not None:
-            baselines.setdefault(round(base[1], 6), []).append(run.name)
-    for acc, names in baselines.items():
-        who = "" if len(baselines) == 1 else f" ({', '.join(names)})"
-        handles.append(ax.axhline(acc, color=BASELINE_COLOR, linestyle=(0, (5, 3)), linewidth=1.3,
-                                  label=f"majority grade, val: {acc:.1%}{who}"))
+    groups = _baseline_groups(runs)
+    for grade, acc, members in groups:
+        if len(groups) == 1:  # one validation split for every run: one grey bar
+            color, label = BASELINE_COLOR, f"majority grade (always {_grade_short(grade)}), val split: {acc:.1%}"
+        else:  # each split's bar in the colour of the (first) run it belongs to
+            color = PALETTE[runs.index(members[0]) % len(PALETTE)]
+            whose = ", ".join(r.name for r in members)
+            label = f"majority grade (always {_grade_short(grade)}), val split of {whose}: {acc:.1%}"
+        handles.append(ax.axhline(acc, color=color, linestyle=BASELINE_STYLE, linewidth=1.4, label=label))
     handles += [Line2D([], [], color="black", linewidth=2, label="validation (solid)"),
                 Line2D([], [], color="black", linestyle="--", linewidth=1.3, label="train (dashed)")]
     _epoch_axis(ax, max(int(r.history["epoch"].max()) for r in runs))
@@ -424,7 +495,7 @@ def _heatmap(ax, values, text: list[list[str]], *, vmax: float, empty_rows: set[
             ax.text(c, r, text[r][c], ha="center", va="center", fontsize=10,
                     color="white" if luminance < 0.5 else "black",
                     alpha=0.45 if r in empty_rows else 1.0)
-    ax.set_xticks(np.arange(k), [f"{g} {_grade_short(g)}" for g in range(k)], rotation=25, ha="right", fontsize=9)
+    ax.set_xticks(np.arange(k), [grade_label(g) for g in range(k)], rotation=25, ha="right", fontsize=9)
     ax.set_xlabel("predicted grade")
     ax.set_ylabel("true grade")
     ax.tick_params(length=0)
@@ -448,7 +519,7 @@ def confusion_figure(run: RunSummary) -> Figure:
     _heatmap(ax_n, cm, [[f"{int(v):,}" for v in row] for row in cm], vmax=cm.max(), empty_rows=empty)
     _heatmap(ax_p, norm, [[MISSING if r in empty else f"{100 * v:.0f}%" for v in norm[r]] for r in range(k)],
              vmax=1.0, empty_rows=empty)
-    rows = [f"{_grade_short(g)} (n={int(support[g]):,})" for g in range(k)]
+    rows = [f"{grade_label(g)} (n={int(support[g]):,})" for g in range(k)]
     for ax in (ax_n, ax_p):
         ax.set_yticks(np.arange(k), rows, fontsize=9)
     ax_n.set_title("counts", fontsize=11)
@@ -460,56 +531,97 @@ def confusion_figure(run: RunSummary) -> Figure:
     return fig
 
 
-def balance_figure(split, title: str = "Class balance") -> Figure:
-    """Images per grade and split (grouped bars), each bar's share of its split annotated.
-
-    Args:
-        split: a split.csv DataFrame (columns ``grade`` and ``split``).
-        title: the figure title.
-    """
+def split_counts(split) -> dict[str, list[int]]:
+    """Labelled images per grade of each split in a split.csv DataFrame: train, val, test first."""
     import numpy as np
 
     labelled = split.dropna(subset=["grade"])
     order = ["train", "val", "test"]
     names = [s for s in order if (labelled["split"] == s).any()]
     names += sorted(set(labelled["split"].astype(str)) - set(order))
+    counts = {}
+    for name in names:
+        grades = labelled.loc[labelled["split"].astype(str) == name, "grade"].astype(int)
+        counts[name] = np.bincount(grades.clip(0, NUM_GRADES - 1), minlength=NUM_GRADES)[:NUM_GRADES].tolist()
+    return counts
+
+
+BALANCE_TITLE = "Images per DR grade, by split"
+
+
+def balance_figure(counts: dict[str, list[int]], source: str = "") -> Figure:
+    """Images per grade and split (grouped bars), each bar's share of its split written on it.
+
+    The one class-balance chart: ``retino stats --plot`` and ``retino report`` both draw it.
+    The legend (inside the axes, upper right, with head room kept free for it) gives each
+    split's size and what always answering its commonest grade would score.
+
+    Args:
+        counts: images per grade (``NUM_GRADES`` numbers) for each split, in legend order.
+        source: a second title line saying what was counted (dataset, whose split).
+    """
+    import numpy as np
+
     fig = _new_figure(FIGSIZE["balance"])
     ax = fig.subplots()
-    width = 0.8 / max(1, len(names))
+    width = 0.8 / max(1, len(counts))
     x = np.arange(NUM_GRADES)
-    for i, name in enumerate(names):
-        grades = labelled.loc[labelled["split"] == name, "grade"].astype(int)
-        counts = np.bincount(grades.clip(0, NUM_GRADES - 1), minlength=NUM_GRADES)[:NUM_GRADES]
-        total = max(1, int(counts.sum()))
+    for i, (name, per_grade) in enumerate(counts.items()):
+        c = np.asarray(per_grade, dtype=int)
+        total = int(c.sum())
         color = SPLIT_COLORS.get(name, PALETTE[(i + 3) % len(PALETTE)])
-        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, counts, width * 0.95, color=color,
-                      label=f"{name} ({int(counts.sum()):,} images)")
-        for bar, c in zip(bars, counts):
-            ax.annotate(f"{c / total:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        label = f"{name}: {total:,} images"
+        if total:
+            top = int(np.argmax(c))  # ties go to the lowest grade, as in metrics.majority_baseline
+            label += f"; always {_grade_short(top)} scores {c[top] / total:.1%}"
+        bars = ax.bar(x + (i - (len(counts) - 1) / 2) * width, c, width * 0.95, color=color, label=label)
+        for bar, n in zip(bars, c):
+            ax.annotate(f"{n / max(1, total):.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7.5)
-    ax.set_xticks(x, [f"{g}\n{name}" for g, name in enumerate(GRADE_NAMES)])
-    ax.set_xlabel("grade")
+    ax.set_xticks(x, [grade_label(g) for g in range(NUM_GRADES)])
+    ax.set_xlabel("DR grade (above each bar: its share of the split)")
     ax.set_ylabel("images")
-    ax.margins(y=0.12)
+    highest = max((max(c, default=0) for c in counts.values()), default=0)
+    # head room for the legend, one line per split, so it never covers a bar
+    ax.set_ylim(0, max(1, highest) * (1.2 + 0.09 * len(counts)))
     _style(ax, grid="y")
-    ax.legend(fontsize=9, frameon=False)
-    ax.set_title(title, fontsize=12)
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    ax.set_title(BALANCE_TITLE + (f"\n{source}" if source else ""), fontsize=12)
     return fig
 
 
+def evaluated_on(run: RunSummary) -> str:
+    """``test split, 1,000 images``: what an evaluated run was scored on."""
+    meta = run.metrics or {}
+    n = meta.get("n_images", (meta.get("metrics") or {}).get("n"))
+    return f"{meta.get('split') or 'evaluation'} split" + (f", {n:,} images" if _finite(n) else "")
+
+
+def _same_evaluation(runs: list[RunSummary]) -> bool:
+    """Every run scored on one split: the same split name, data and number of images."""
+    keys = {(str(r.metrics.get("split")), str(r.metrics.get("data")), str(r.metrics.get("n_images")))
+            for r in runs if r.metrics is not None}
+    return len(keys) <= 1
+
+
 def roc_figure(runs: list[RunSummary]) -> Figure:
-    """Referable-DR ROC of every evaluated run, AUC in the legend, operating points marked."""
+    """Referable-DR ROC of every evaluated run, AUC in the legend, operating points marked.
+
+    Runs scored on one split name it in the title; otherwise each legend entry names its
+    run's split and the title says the curves come from different splits.
+    """
+    evaluated = [r for r in runs if r.metrics is not None]
+    shared = _same_evaluation(evaluated)
     fig = _new_figure(FIGSIZE["roc"])
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
-    splits = set()
     for i, run in enumerate(runs):
         if run.metrics is None:
             continue
         color = PALETTE[i % len(PALETTE)]
         ref = run.metrics["metrics"].get("referable") or {}
-        splits.add(run.metrics.get("split") or "evaluation")
-        label = f"{run.label} (AUC {num(ref.get('auc'))})"
+        where = "" if shared else f", {evaluated_on(run)}"
+        label = f"{run.label}{where} (AUC {num(ref.get('auc'))})"
         roc = run.referable_roc()
         if roc is not None:
             ax.plot(roc[0], roc[1], color=color, linewidth=2, label=label)
@@ -527,8 +639,8 @@ def roc_figure(runs: list[RunSummary]) -> Figure:
     ax.set_ylabel("sensitivity (true-positive rate)")
     _style(ax)
     ax.legend(loc="lower right", fontsize=8.5, framealpha=0.9)
-    where = ", ".join(sorted(splits))
-    ax.set_title(f"Referable DR (grade ≥ 2 vs < 2), {where} split", fontsize=12)
+    where = evaluated_on(evaluated[0]) if shared and evaluated else "runs evaluated on different splits (legend)"
+    ax.set_title(f"Referable DR (grade ≥ 2 vs < 2), {where}", fontsize=12)
     return fig
 
 
@@ -559,6 +671,7 @@ TRAIN_HEADER = ["run", "arch", "weights", "mode", "img size", "epochs", "best ep
 TEST_HEADER = ["run", "split", "images", "accuracy", "majority baseline", "balanced accuracy", "macro F1", "QWK",
                "referable sensitivity", "referable specificity", "referable AUC", "OvR macro AUC"]
 GRADE_HEADER = ["grade", "precision", "recall", "F1", "support"]
+DIFFER_COLUMN = "differs from the others"
 
 
 def _train_row(run: RunSummary) -> list[Any]:
@@ -618,7 +731,16 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
     lines = [f"# {title}", "",
              f"{len(runs)} run(s): " + ", ".join(f"`{r.name}` ({r.label}, `{r.dir}`)" for r in runs) + ".", "",
              "## Training", ""]
-    lines += _table(TRAIN_HEADER, [_train_row(r) for r in runs])
+    differ = settings_that_differ({r.name: r.config for r in runs})
+    if differ:
+        lines += _table([*TRAIN_HEADER, DIFFER_COLUMN],
+                        [[*_train_row(r), describe_settings(differ[r.name])] for r in runs])
+        lines += ["", f"{DIFFER_COLUMN}: the settings in config.json whose value is not the same in every run "
+                  f"({', '.join(next(iter(differ.values())))}); all other settings are shared."]
+    else:
+        lines += _table(TRAIN_HEADER, [_train_row(r) for r in runs])
+        if len(runs) > 1:
+            lines += ["", "The runs were trained with the same settings (config.json)."]
     metrics_used = sorted({METRIC_NAMES[r.select_metric] for r in runs})
     lines += ["", f"Best epoch: the epoch with the best {' / '.join(metrics_used)} (each run's `select_metric`, "
               "the one best.pt keeps); val accuracy and val QWK are that epoch's. "
@@ -674,6 +796,8 @@ class ReportResult:
         markdown: report.md.
         warnings: runs no better than the majority grade (also in report.md).
         notes: figures skipped and why.
+        differences: per run name, the settings not the same in every run
+            (:func:`settings_that_differ`; also in report.md's training table).
     """
 
     out: Path
@@ -681,10 +805,11 @@ class ReportResult:
     markdown: Path
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "markdown": str(self.markdown), "figures": [str(p) for p in self.figures],
-                "warnings": list(self.warnings), "notes": list(self.notes)}
+                "warnings": list(self.warnings), "notes": list(self.notes), "differences": self.differences}
 
 
 def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,
@@ -736,8 +861,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         first = with_split[0]
         root = (first.config.get("dataset") or {}).get("root") or first.config.get("data") or ""
         dataset = Path(root).name or "dataset"
-        save(balance_figure(first.split, f"Class balance of {dataset} (split of {first.name})"),
-             "class-balance.png", "Class balance")
+        save(balance_figure(split_counts(first.split), f"{dataset}, the split of {first.name}"),
+             "class-balance.png", BALANCE_TITLE)
         other = [r.name for r in with_split[1:] if not _same_split(r.split, first.split)]
         if other:
             notes.append(f"The class balance shows the split of `{first.name}`; "
@@ -753,7 +878,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     md = out / "report.md"
     text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes)
     md.write_text(text, encoding="utf-8")
-    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded), notes=notes)
+    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded), notes=notes,
+                        differences=settings_that_differ({r.name: r.config for r in loaded}))
 
 
 def _same_split(a, b) -> bool:

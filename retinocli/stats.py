@@ -2,7 +2,7 @@
 
 Works on the records of :mod:`retinocli.layouts`; pandas, numpy and PIL only, no torch.
 Everything :func:`dataset_stats` returns is plain JSON-ready data; :mod:`retinocli.display`
-renders it and :func:`plot_balance` draws it.
+renders it and :func:`balance_chart` draws it (the chart ``retino report`` draws too).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.errors import RetinoError
 from retinocli.layouts import Dataset
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EXAMPLES = 10  # how many offending names a report lists; the counts are always complete
 
@@ -208,33 +212,20 @@ def warnings(stats: dict) -> list[str]:
     return out
 
 
+def balance_chart(stats: dict) -> Figure:
+    """The class-balance chart of :func:`dataset_stats`' result: report's :func:`balance_figure`."""
+    from retinocli.report import balance_figure
+
+    counts = {split: s["counts"] for split, s in stats["splits"].items() if s["labelled"]}
+    return balance_figure(counts or {"all": stats["overall"]["counts"]},
+                          f"{Path(stats['root']).name} ({stats['layout']} layout)")
+
+
 def plot_balance(stats: dict, out: str | Path) -> Path:
-    """Save a class-balance bar chart, one panel per split, with the majority bar marked."""
-    import matplotlib
+    """Save :func:`balance_chart` as a PNG (``retino stats --plot``)."""
+    from retinocli.report import DPI
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = {k: v for k, v in stats["splits"].items() if v["labelled"]}
-    if not splits:
-        splits = {"all": stats["overall"]}
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.8), squeeze=False)
-    colors = ["#4c9f70", "#f2c14e", "#f78154", "#d1495b", "#8f2d56"]
-    for ax, (split, s) in zip(axes[0], splits.items()):
-        bars = ax.bar(range(NUM_GRADES), s["counts"], color=colors)
-        for bar, share in zip(bars, s["shares"]):
-            ax.annotate(f"{share:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(NUM_GRADES), [f"{g}\n{n}" for g, n in enumerate(GRADE_NAMES)], fontsize=8)
-        ax.set_title(f"{split}: {s['labelled']:,} images\nalways grade {s['majority_grade']} "
-                     f"scores {s['majority_accuracy']:.1%}", fontsize=10)
-        ax.set_ylabel("images")
-        ax.margins(y=0.15)
-        ax.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(f"Class balance: {Path(stats['root']).name} ({stats['layout']} layout)", fontsize=11)
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    balance_chart(stats).savefig(out, dpi=DPI)
     return out

@@ -10,32 +10,44 @@ from retinocli.cli import app
 runner = CliRunner()
 
 
+JARGON = ("reports' way", "NCHW", "eager", "autocast", "channels_last", "onnxruntime")
+
+
 def test_bench_quick_has_every_row_and_positive_speeds():
     result = runner.invoke(app, ["bench", "--quick", "--json"])
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
     rows = d["rows"]
     names = {(r["section"], r["name"], r["batch"]) for r in rows}
-    photo_label = next(r["name"] for r in rows if r["name"].startswith("reports' way, ") and "512 px" not in r["name"])
-    label = photo_label.removeprefix("reports' way, ")
+    base = "PIL + torchvision transforms, one image at a time, "
+    photo_label = next(r["name"] for r in rows if r["name"].startswith(base) and "512 px" not in r["name"])
+    label = photo_label.removeprefix(base)
+    assert label == "generated 1536x1024 photos" or label == "full-size photos"
     for what in ("512 px JPEG", label):
-        for who in ("reports' way", "retino", "retino crop"):
+        for who in ("PIL + torchvision transforms, one image at a time",
+                    "retino loader (JPEG decoded at the size it needs, uint8)", "retino loader + crop to the fundus"):
             assert ("data", f"{who}, {what}", 1) in names, (who, what)
-    for variant in ("fp32 NCHW", "bf16 autocast + channels_last"):
-        assert ("train", f"resnet18 {variant}", 4) in names
+    for variant in ("PyTorch, fp32, standard memory layout", "mixed precision, channels-last memory layout"):
+        assert ("train", f"resnet18, {variant}", 4) in names
+    for augment in ("no augmentation", "light augmentation"):
+        assert ("pipeline", "resnet18, mixed precision, channels-last memory layout, fed by the real input pipeline "
+                f"({augment})", 4) in names
     for batch in (1, 8):
-        assert ("infer", "resnet18 PyTorch eager fp32 (cpu)", batch) in names
+        assert ("infer", "resnet18, PyTorch fp32, CPU", batch) in names
         for precision in ("fp32", "fp16", "int8"):
-            assert ("infer", f"resnet18 onnxruntime {precision} (cpu)", batch) in names
-    assert ("infer", "predict end to end, JPEG folder (cpu, fp32)", 8) in names
-    for augment in ("none", "light"):
-        row = next(r for r in rows if r["name"] == "resnet18 bf16 autocast + channels_last, real input pipeline "
-                                                  f"({augment} augmentation)")
-        assert row["section"] == "pipeline" and row["baseline"] == "resnet18 bf16 autocast + channels_last"
-        assert (row["batch"], row["size"]) == (4, 32)
+            assert ("infer", f"resnet18, ONNX Runtime {precision}, CPU", batch) in names
+    assert ("infer", "retino predict end to end, JPEG folder (CPU, fp32)", 8) in names
+    assert len(rows) == 6 + 2 + 2 + 2 * 4 + 1
     assert all(r["images_per_second"] > 0 for r in rows), [r for r in rows if r["images_per_second"] <= 0]
+    # plain words, and every baseline names a row of the same batch and size, so every ratio is filled
+    assert not [r["name"] for r in rows if any(word in r["name"] for word in JARGON)]
     compared = [r for r in rows if r["baseline"]]
-    assert compared and all(r["ratio"] and r["ratio"] > 0 for r in compared)
+    assert len(compared) == 4 + 1 + 2 + 2 * 3
+    for r in compared:
+        assert any(b["name"] == r["baseline"] and (b["batch"], b["size"]) == (r["batch"], r["size"]) for b in rows)
+        assert r["ratio"] and r["ratio"] > 0
+    assert {r["baseline"] for r in compared if r["section"] == "pipeline"} == \
+        {"resnet18, mixed precision, channels-last memory layout"}
     assert d["environment"]["torch"] and d["environment"]["onnxruntime"] and d["environment"]["device"] == "cpu"
 
 
@@ -76,7 +88,7 @@ def test_bench_only_pipeline_brings_its_baseline_and_reads_the_cache(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert [r["section"] for r in rows] == ["train", "pipeline", "pipeline"]
-    assert rows[0]["name"] == "resnet18 bf16 autocast + channels_last"
+    assert rows[0]["name"] == "resnet18, mixed precision, channels-last memory layout"
     assert all(r["note"] == "3 JPEGs" and r["threads"] == 0 for r in rows[1:])
     for r in rows[1:]:  # the ratio is the pipeline's rate over the synthetic one
         assert abs(r["ratio"] - r["images_per_second"] / rows[0]["images_per_second"]) < 1e-9

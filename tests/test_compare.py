@@ -55,6 +55,27 @@ def test_interrupted_grid_resumes_and_reports(synth_data, tmp_path, torch_home):
     text = result.markdown.read_text()
     assert "resnet18-imagenet" in text or "ImageNet" in text
     assert (result.report_dir / "accuracy-comparison.png").is_file()
+    # what differs: the weights, and what follows from them (the default learning rate; the
+    # small stem that auto picks for 32 px from scratch)
+    want = {"resnet18-imagenet": {"weights": "ImageNet", "learning_rate": 3e-4, "small_stem": False},
+            "resnet18-scratch": {"weights": "scratch", "learning_rate": 1e-3, "small_stem": True}}
+    assert result.differences == result.to_dict()["differences"] == want
+    assert "| weights ImageNet, learning_rate 0.0003, small_stem off |" in text
+
+    # the CLI on the finished grid trains nothing and says the same
+    args = ["compare", "--data", str(synth_data), "--arch", "resnet18", "--img-size", "32", "--epochs", "2",
+            "--batch-size", "32", "--workers", "0", "--augment", "none", "--project", str(tmp_path / "runs"),
+            "--name", "study"]
+    cli = runner.invoke(app, [*args, "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["differences"] == want
+    cli = runner.invoke(app, args)
+    assert cli.exit_code == 0, cli.output
+    lines = [line.strip() for line in cli.output.splitlines()]
+    start = lines.index("What differs between the runs:")
+    assert lines[start + 1: start + 3] == [
+        "resnet18-imagenet: weights ImageNet, learning_rate 0.0003, small_stem off",
+        "resnet18-scratch: weights scratch, learning_rate 0.001, small_stem on"]
 
     other = TrainConfig(**{**base.to_dict(), "epochs": 3})
     with pytest.raises(RetinoError, match="different comparison"):

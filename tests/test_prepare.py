@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -349,3 +350,43 @@ def test_cli_prepare_then_stats(tmp_path):
     assert other.exit_code == 2 and "--force" in other.output
     stats = runner.invoke(app, ["stats", str(tmp_path / "cache"), "--json"])
     assert stats.exit_code == 0 and json.loads(stats.stdout)["layout"] == "cache"
+
+
+def test_progress_bar_and_summary_give_one_rate(src, tmp_path):
+    """The rate counts the images this run decoded (written or unreadable), not those already
+    there, over the time spent on them, not the start-up; the bar ends on that same number."""
+    from rich.console import Console
+
+    from retinocli.display import progress_bar
+
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    sorted((data / "train").glob("*.jpeg"))[0].write_bytes(b"")  # one unreadable photo
+    out = tmp_path / "cache"
+    prepare(data, out=out, size=32, fmt="png", workers=1)
+    for f in sorted((out / "images").rglob("*.png"))[:10]:
+        f.unlink()
+    console = Console(file=io.StringIO(), width=200)
+    with progress_bar(console, "img") as bar:
+        result = prepare(data, out=out, size=32, fmt="png", workers=1, progress=bar)
+        (task,) = bar.tasks
+    assert (result.written, result.skipped, len(result.failed)) == (10, 29, 1)
+    assert 0 < result.work_seconds <= result.seconds
+    assert result.images_per_second == pytest.approx((10 + 1) / result.work_seconds, rel=1e-3, abs=0.01)
+    assert task.fields["rate"] == result.images_per_second
+    assert bar.columns[3].render(task).plain == f"{result.images_per_second:,.1f} img/s"
+
+
+def test_cli_prepare_prints_the_bars_rate(src, tmp_path):
+    from typer.testing import CliRunner
+
+    from retinocli.cli import app
+
+    result = CliRunner().invoke(app, ["prepare", str(src), "--out", str(tmp_path / "cache"), "--size", "32",
+                                      "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    rates = re.findall(r"([\d,.]+) img/s", text)
+    assert len(rates) == 2 and rates[0] == rates[1], text  # the bar's last state, then the summary
+    meta = json.loads((tmp_path / "cache" / "retino-cache.json").read_text())
+    assert meta["count"] == 40 and "40 decoded in " in text

@@ -11,7 +11,9 @@ from PIL import Image
 
 from retinocli import metrics
 from retinocli.errors import RetinoError
-from retinocli.report import DPI, FIGSIZE, load_run, load_runs, num, params, pct, run_label, write_report
+from retinocli.report import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
+                              confusion_figure, load_run, load_runs, num, params, pct, roc_figure, run_label,
+                              split_counts, write_report)
 
 # val split: 74 % grade 0, so always answering No DR scores 74.0 % on validation
 VAL_GRADES = [0] * 37 + [1] * 4 + [2] * 6 + [3] * 2 + [4] * 1
@@ -40,8 +42,11 @@ def predictions(skill: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def make_run(root: Path, name: str, *, arch="resnet18", weights="DEFAULT", mode="finetune", hist=None,
              skill: float | None = None, select_metric="qwk", parameters: int | None = 11_689_512,
-             epochs: int | None = None) -> Path:
-    """A run folder as retino train (and, when skill is given, retino evaluate) would leave it."""
+             epochs: int | None = None, val_grades=VAL_GRADES, eval_split="test") -> Path:
+    """A run folder as retino train (and, when skill is given, retino evaluate) would leave it.
+
+    ``eval_split`` only names the split in metrics.json; the scores are always over TEST_GRADES.
+    """
     run = root / name
     run.mkdir(parents=True)
     hist = hist or history([0.70, 0.76, 0.78], [0.20, 0.55, 0.50])
@@ -54,7 +59,7 @@ def make_run(root: Path, name: str, *, arch="resnet18", weights="DEFAULT", mode=
     (run / "config.json").write_text(json.dumps(config))
     pd.DataFrame(hist).to_csv(run / "history.csv", index=False)
     rows = [(f"tr{i}", g, "train") for i, g in enumerate(VAL_GRADES * 4)]
-    rows += [(f"va{i}", g, "val") for i, g in enumerate(VAL_GRADES)]
+    rows += [(f"va{i}", g, "val") for i, g in enumerate(val_grades)]
     rows += [(f"te{i}", g, "test") for i, g in enumerate(TEST_GRADES)]
     pd.DataFrame([{"image": i, "path": f"/data/{i}.jpeg", "grade": g, "split": s, "patient": i, "eye": "left"}
                   for i, g, s in rows]).to_csv(run / "split.csv", index=False)
@@ -63,7 +68,7 @@ def make_run(root: Path, name: str, *, arch="resnet18", weights="DEFAULT", mode=
         fpr, tpr, _ = metrics.roc_curve(y >= 2, probs[:, 2:].sum(1))
         (run / "metrics.json").write_text(json.dumps({
             "model": str(run / "best.pt"), "kind": "checkpoint", "run": str(run), "arch": arch, "weights": weights,
-            "mode": mode, "epoch": 2, "data": "data", "split": "test", "tta": False, "runtime": "cpu",
+            "mode": mode, "epoch": 2, "data": "data", "split": eval_split, "tta": False, "runtime": "cpu",
             "n_images": len(y), "n_unreadable": 0, "seconds": 1.5,
             "grade_names": ["No DR", "Mild", "Moderate", "Severe", "Proliferative"],
             "metrics": metrics.summarize(y, pred, probs),
@@ -214,3 +219,112 @@ def test_labels_and_bad_runs(tmp_path):
     with pytest.raises(RetinoError, match="no history.csv"):
         write_report([a, tmp_path / "half"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written for a bad run list
+
+
+GRADE_LABELS = ["0 No DR", "1 Mild", "2 Moderate", "3 Severe", "4 Proliferative"]
+OTHER_VAL = [0] * 20 + [1] * 10 + [2] * 10 + [3] * 5 + [4] * 5  # always No DR: 40 %
+
+
+def texts(items) -> list[str]:
+    return [t.get_text() for t in items]
+
+
+def test_class_balance_chart_names_grades_as_the_confusion_matrix(tmp_path):
+    run = load_run(make_run(tmp_path, "a", skill=3.0))
+    counts = split_counts(run.split)
+    assert counts == {"train": [148, 16, 24, 8, 4], "val": [37, 4, 6, 2, 1], "test": [73, 7, 12, 5, 3]}
+    fig = balance_figure(counts, "data, the split of a")
+    (ax,) = fig.axes
+    assert ax.get_title() == "Images per DR grade, by split\ndata, the split of a"
+    confusion = confusion_figure(run).axes[0]
+    assert texts(ax.get_xticklabels()) == texts(confusion.get_xticklabels()) == GRADE_LABELS
+    assert texts(confusion.get_yticklabels())[0] == "0 No DR (n=73)"
+    assert [[bar.get_height() for bar in bars] for bars in ax.containers] == list(counts.values())
+    # the legend sits inside the axes and says what always answering the commonest grade scores
+    assert not fig.legends
+    assert texts(ax.get_legend().get_texts()) == ["train: 200 images; always No DR scores 74.0%",
+                                                  "val: 50 images; always No DR scores 74.0%",
+                                                  "test: 100 images; always No DR scores 73.0%"]
+    fig.canvas.draw()
+    box, inner = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert inner.x0 <= box.x0 and box.x1 <= inner.x1 and inner.y0 <= box.y0 and box.y1 <= inner.y1
+    # no bar reaches the legend's height
+    top = ax.transData.inverted().transform((0, box.y0))[1]
+    assert max(max(c) for c in counts.values()) < top
+
+
+def test_runs_on_different_splits_get_their_own_majority_bar_and_an_honest_roc_title(tmp_path):
+    a = make_run(tmp_path, "a", skill=3.0)
+    b = make_run(tmp_path, "b", weights=None, skill=1.0, val_grades=OTHER_VAL, eval_split="val")
+    c = make_run(tmp_path, "c", mode="linear", skill=1.0)
+    runs = load_runs([a, b, c])
+
+    ax = comparison_figure(runs).axes[0]
+    val_color = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    bars = {line.get_label(): line for line in ax.get_lines() if line.get_label().startswith("majority")}
+    assert set(bars) == {"majority grade (always No DR), val split of a, c: 74.0%",
+                         "majority grade (always No DR), val split of b: 40.0%"}
+    ab, bb = bars["majority grade (always No DR), val split of a, c: 74.0%"], \
+        bars["majority grade (always No DR), val split of b: 40.0%"]
+    assert ab.get_color() == val_color[runs[0].label] == PALETTE[0]
+    assert bb.get_color() == val_color[runs[1].label] == PALETTE[1]
+    assert ab.get_ydata()[0] == pytest.approx(0.74) and bb.get_ydata()[0] == pytest.approx(0.40)
+    train_dashes = next(line for line in ax.get_lines() if line.get_linestyle() == "--")
+    assert ab.get_linestyle() == bb.get_linestyle() == BASELINE_STYLE == "-." != train_dashes.get_linestyle()
+
+    ax = roc_figure(runs).axes[0]
+    assert ax.get_title() == "Referable DR (grade ≥ 2 vs < 2), runs evaluated on different splits (legend)"
+    legend = texts(ax.get_legend().get_texts())
+    assert legend[1].startswith(f"{runs[0].label}, test split, 100 images (AUC ")
+    assert legend[2].startswith(f"{runs[1].label}, val split, 100 images (AUC ")
+    assert legend[3].startswith(f"{runs[2].label}, test split, 100 images (AUC ")
+
+
+def test_runs_on_one_split_share_one_grey_majority_bar_and_the_roc_title(tmp_path):
+    runs = load_runs([make_run(tmp_path, "a", skill=3.0), make_run(tmp_path, "b", weights=None, skill=1.0)])
+    ax = comparison_figure(runs).axes[0]
+    bars = [line for line in ax.get_lines() if line.get_label().startswith("majority")]
+    assert [(b.get_label(), b.get_color()) for b in bars] == [
+        ("majority grade (always No DR), val split: 74.0%", "#555555")]
+    ax = roc_figure(runs).axes[0]
+    assert ax.get_title() == "Referable DR (grade ≥ 2 vs < 2), test split, 100 images"
+    assert texts(ax.get_legend().get_texts())[1].startswith(f"{runs[0].label} (AUC ")
+
+
+def test_what_differs_between_runs_in_the_table_the_json_and_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from retinocli.cli import app
+    from retinocli.report import settings_that_differ
+
+    a = make_run(tmp_path, "a")
+    b = make_run(tmp_path, "b", arch="resnet50", weights=None)
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**config, "learning_rate": 1e-3, "versions": {"device": "cuda"}}))
+    want = {"a": {"arch": "resnet18", "weights": "ImageNet", "learning_rate": 3e-4},
+            "b": {"arch": "resnet50", "weights": "scratch", "learning_rate": 1e-3}}
+
+    result = write_report([a, b], tmp_path / "rep")
+    assert result.differences == result.to_dict()["differences"] == want
+    md = result.markdown.read_text()
+    train = table(md, "## Training")
+    assert train["a"]["differs from the others"] == "arch resnet18, weights ImageNet, learning_rate 0.0003"
+    assert train["b"]["differs from the others"] == "arch resnet50, weights scratch, learning_rate 0.001"
+    assert "(arch, weights, learning_rate); all other settings are shared" in md
+
+    cli = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "rep"), "--force", "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["differences"] == want
+    cli = CliRunner().invoke(app, ["report", str(a), str(b), "--out", str(tmp_path / "rep"), "--force"])
+    lines = [line.strip() for line in cli.output.splitlines()]
+    start = lines.index("What differs between the runs:")
+    assert lines[start + 1: start + 3] == ["a: arch resnet18, weights ImageNet, learning_rate 0.0003",
+                                           "b: arch resnet50, weights scratch, learning_rate 0.001"]
+
+    # two ImageNet tags are two weights; runs trained alike differ in nothing
+    tags = settings_that_differ({"x": {"arch": "r", "weights": "IMAGENET1K_V1", "pretrained": True},
+                                 "y": {"arch": "r", "weights": "DEFAULT", "pretrained": True}})
+    assert tags == {"x": {"weights": "ImageNet (IMAGENET1K_V1)"}, "y": {"weights": "ImageNet"}}
+    assert settings_that_differ({"x": {"arch": "r", "name": "x"}, "y": {"arch": "r", "name": "y"}}) == {}
+    alone = write_report([a], tmp_path / "alone")
+    assert alone.differences == {} and "differs from the others" not in alone.markdown.read_text()

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_image
 from retinocli.layouts import load_dataset
-from retinocli.stats import dataset_stats, grade_balance, plot_balance, warnings
+from retinocli.stats import balance_chart, dataset_stats, grade_balance, plot_balance, warnings
 from test_layouts import write_lines
 
 
@@ -81,14 +81,24 @@ def test_sample_limits_images_checked(tmp_path):
     assert s["files"]["checked"] == 3 and s["files"]["checked_scope"] == "sample"
 
 
-def test_plot_balance_writes_png(tmp_path):
+def test_balance_chart_is_the_report_chart(tmp_path):
     from PIL import Image
 
+    from retinocli.report import DPI, FIGSIZE, grade_label
+
     s = dataset_stats(load_dataset(leaky_dataset(tmp_path / "lab")), sample=0)
+    fig = balance_chart(s)
+    (ax,) = fig.axes
+    assert ax.get_title() == "Images per DR grade, by split\nlab (course layout)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [grade_label(g) for g in range(5)] == \
+        ["0 No DR", "1 Mild", "2 Moderate", "3 Severe", "4 Proliferative"]
+    assert [[bar.get_height() for bar in bars] for bars in ax.containers] == [[5, 1, 1, 1, 0], [2, 0, 0, 1, 1]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train: 8 images; always No DR scores 62.5%", "test: 4 images; always No DR scores 50.0%"]
+    assert not fig.legends  # inside the axes
     out = plot_balance(s, tmp_path / "figs" / "balance.png")
     with Image.open(out) as img:
-        assert img.format == "PNG"
-        assert img.width > 2 * img.height * 0.8  # two panels side by side
+        assert img.format == "PNG" and img.size == tuple(round(v * DPI) for v in FIGSIZE["balance"])
 
 
 def test_complete_course_split(shared_data):
