@@ -183,7 +183,8 @@ class PlainProgress:
         end = time.perf_counter() if partial else (task.finished_at or time.perf_counter())
         seconds = end - task.start
         count = f"{task.completed:,.0f}" + (f"/{task.total:,.0f}" if task.total is not None else "")
-        rate = f", {task.completed / seconds:,.1f} {self.unit}/s" if seconds > 0 and task.completed > 0 else ""
+        speed = task.fields.get("rate") or (task.completed / seconds if seconds > 0 else 0)
+        rate = f", {speed:,.1f} {self.unit}/s" if speed and task.completed > 0 else ""
         postfix = task.fields.get("postfix") or ""
         text = f"{task.description}: {count} {self.unit} in {seconds:,.1f} s{rate}" + (f" | {postfix}" if postfix else "")
         task.last_line = time.perf_counter()

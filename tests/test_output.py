@@ -49,6 +49,12 @@ def test_train_in_a_pipe_prints_one_complete_line_per_epoch(synth_data, tmp_path
     run = tmp_path / "runs" / "train"
     assert f"Run folder: {run}" in lines  # a path on a line of its own, never folded
     assert f"Next: retino evaluate {run}" in lines
+    # the line's rate is history.csv's images_per_second, not an estimate from the bar's last updates
+    import csv
+
+    history = list(csv.DictReader(open(run / "history.csv")))
+    rates = [re.search(r"img in [\d.]+ s, ([\d,.]+) img/s", ln).group(1).replace(",", "") for ln in epochs]
+    assert [float(r) for r in rates] == [float(h["images_per_second"]) for h in history]
 
 
 def test_train_summary_keeps_every_column_in_a_pipe(synth_data, tmp_path):
