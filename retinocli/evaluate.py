@@ -62,12 +62,27 @@ def _onnx_backend(path: Path, provider: str, threads: int | None) -> Backend:
 
     grader = OnnxGrader(path, provider=provider, threads=threads)
     info = grader.info
-    run_dir = Path(info.run) if info.run and Path(info.run).is_dir() else None
+    run_dir = _run_dir_of(path, info)
     return Backend(kind="onnx", path=path, preprocess=info.preprocess, grade_names=tuple(info.grade_names),
                    forward=lambda x: grader.run(x)[1], runtime=grader.provider, run_dir=run_dir,
                    info={"arch": info.arch, "weights": info.weights, "mode": info.mode, "epoch": info.epoch,
                          "precision": info.precision},
                    notes=list(grader.notes))
+
+
+def _run_dir_of(path: Path, info) -> Path | None:
+    """The training run an exported model sits in, or None.
+
+    The metadata names the checkpoint and its SHA-256, never a path (a model travels); the
+    model's own folder is its run when it holds that checkpoint, byte for byte.
+    """
+    from retinocli.runtime import file_sha256
+
+    folder = path.parent
+    ckpt = folder / info.checkpoint if info.checkpoint else None
+    if ckpt is None or not info.checkpoint_sha256 or not ckpt.is_file():
+        return None
+    return folder if file_sha256(ckpt) == info.checkpoint_sha256 else None
 
 
 def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:

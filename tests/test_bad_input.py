@@ -126,6 +126,8 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "cannot resume, its weights do not fit resnet34"),
         ("resume-checkpoint-with-3-classes", ["--resume", "{ckpts}/resume-3-classes"],
          "cannot resume, its weights do not fit resnet18 with 5 grades"),
+        ("resume-from-best-pt", ["--resume", "{run}/best.pt"],
+         "best.pt keeps only the model (for evaluate and export): resume from"),
     ],
     "evaluate": [
         ("batch-size-zero", ["{run}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -493,7 +495,7 @@ def corpus(tmp_path_factory) -> Corpus:
 
 @pytest.fixture(scope="module")
 def slim_run(trained_run, tmp_path_factory) -> Path:
-    """The trained run without its optimizer state (a third of the bytes), plus spoilt checkpoints.
+    """The trained run without last.pt (best.pt is a third of its bytes), plus spoilt checkpoints.
 
     ``ckpts/<case>/best.pt`` for evaluate and export, ``ckpts/<case>/last.pt`` for --resume.
     """
@@ -504,9 +506,9 @@ def slim_run(trained_run, tmp_path_factory) -> Path:
     run.mkdir()
     for name in ("split.csv", "config.json", "history.csv"):
         shutil.copy(trained_run / name, run / name)
-    state = load_checkpoint(trained_run / "best.pt")
-    state.pop("optimizer")
+    state = load_checkpoint(trained_run / "best.pt")  # the model only: no optimizer
     save_checkpoint(state, run / "best.pt")
+    resumable = {**load_checkpoint(trained_run / "last.pt"), "optimizer": {}}  # complete, an empty optimizer
 
     cfg = state["config"]
     three = dict(state["model"], **{"fc.weight": state["model"]["fc.weight"][:3],
@@ -515,10 +517,10 @@ def slim_run(trained_run, tmp_path_factory) -> Path:
         "other-arch/best.pt": {**state, "config": {**cfg, "arch": "resnet34"}},
         "3-classes/best.pt": {**state, "class_names": ["none", "some", "much"]},
         "no-preprocess/best.pt": {k: v for k, v in state.items() if k != "preprocess"},
-        "no-optimizer/last.pt": state,
-        # complete for a resume (an empty optimizer state), with more epochs to go
-        "resume-other-arch/last.pt": {**state, "optimizer": {}, "config": {**cfg, "arch": "resnet34", "epochs": 99}},
-        "resume-3-classes/last.pt": {**state, "optimizer": {}, "model": three, "config": {**cfg, "epochs": 99},
+        "no-optimizer/last.pt": {k: v for k, v in resumable.items() if k != "optimizer"},
+        # complete for a resume, with more epochs to go
+        "resume-other-arch/last.pt": {**resumable, "config": {**cfg, "arch": "resnet34", "epochs": 99}},
+        "resume-3-classes/last.pt": {**resumable, "model": three, "config": {**cfg, "epochs": 99},
                                      "class_names": ["none", "some", "much"]},
     }
     for name, ckpt in variants.items():

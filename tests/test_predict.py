@@ -66,7 +66,7 @@ INFO = {
     "grade_names": list(GRADE_NAMES),
     "preprocess": Preprocess(size=SIZE, mode="none").to_dict(),
     "arch": "resnet18", "weights": "imagenet", "mode": "finetune",
-    "run": "runs/exp1", "checkpoint": "runs/exp1/best.pt", "epoch": 7,
+    "run": "exp1", "checkpoint": "best.pt", "checkpoint_sha256": "0123456789abcdef" * 4, "epoch": 7,
     "metrics": {"qwk": 0.8125, "accuracy": 0.7, "per_class_f1": [0.9, 0.1, 0.5, 0.0, 0.25],
                 "note": "Ünïcode ok"},
     "precision": "fp32", "version": "0.1.0", "exported": "2024-05-01T12:00:00+00:00",
@@ -183,6 +183,18 @@ def test_metadata_defaults_and_numpy_metrics():
         metadata_props({"preprocess": {}})
 
 
+def test_metadata_names_no_paths():
+    """A model travels: its metadata names the run and checkpoint, never where they were."""
+    with pytest.raises(ValueError, match="run must be a name, not a path"):
+        metadata_props({**INFO, "run": "/home/alice/runs/exp1"})
+    with pytest.raises(ValueError, match="checkpoint must be a name, not a path"):
+        metadata_props({**INFO, "checkpoint": "runs\\exp1\\best.pt"})
+    # Models exported before kept absolute paths: only the names are read from them.
+    old = _props(run="/home/alice/runs/exp1", checkpoint="/home/alice/runs/exp1/best.pt", checkpoint_sha256=None)
+    info = parse_metadata(old, "m.onnx")
+    assert (info.run, info.checkpoint, info.checkpoint_sha256) == ("exp1", "best.pt", "")
+
+
 def _props(**change) -> dict:
     props = metadata_props(INFO)
     for key, value in change.items():
@@ -211,6 +223,7 @@ def _props(**change) -> dict:
     (_props(metrics="[0.5]"), "retino.metrics must be a JSON object"),
     (_props(epoch="seven"), "retino.epoch must be an integer"),
     (_props(precision="fp8"), "retino.precision must be one of fp32, fp16, int8"),
+    (_props(checkpoint_sha256="not-a-hash"), "retino.checkpoint_sha256 must be 64 hex digits"),
 ])
 def test_bad_metadata_is_one_clear_line(props, message):
     with pytest.raises(RetinoError) as err:
