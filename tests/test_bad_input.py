@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from retinocli import GRADE_NAMES
 from retinocli.cli import app
 from test_predict import build_model as build_tiny_onnx
 from test_predict import png_claiming
@@ -187,6 +188,11 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("out-is-a-folder", ["--out", "{work}"], "is a folder; give a file name for the predictions"),
         ("out-exists", ["--out", "{models}/text.pt"], "exists; pass --resume to continue it or --force"),
         ("resume-and-force", ["--resume", "--force"], "--resume keeps the rows in the output and --force"),
+        ("resume-stdout", ["--out", "-", "--resume"], "--resume continues an output file, not stdout"),
+        ("resume-evaluate-predictions", ["--out", "{models}/evaluate-predictions.csv", "--resume"],
+         "is not this model's predictions (unexpected true_grade): `retino evaluate` wrote it"),
+        ("resume-old-predictions", ["--out", "{models}/old-predictions.csv", "--resume"],
+         "(missing image, predicted_grade; unexpected grade): an older retino wrote it"),
         ("no-such-folder", ["{work}/missing"], "no such folder"),
         ("folder-without-images", ["{models}/empty-folder"], "no images (.jpeg, .jpg"),
         ("file-not-an-image", ["{models}/text.pt"], "is neither a folder nor an image file"),
@@ -487,6 +493,17 @@ def corpus(tmp_path_factory) -> Corpus:
         for prop in proto.metadata_props:
             prop.value = change.get(prop.key, prop.value)
         onnx.save(proto, str(models / name))
+    from retinocli import schema
+
+    ok_probs = [0.5, 0.2, 0.1, 0.1, 0.1]
+    with open(models / "evaluate-predictions.csv", "w", newline="") as fh:  # one row, no newline at the end
+        writer = schema.RowWriter(fh, schema.EVALUATE_COLUMNS)
+        writer.header()
+        writer.write([schema.make_row("a", "/x/a.png", ok_probs, GRADE_NAMES, labelled=True, true_grade=1)])
+    (models / "evaluate-predictions.csv").write_text((models / "evaluate-predictions.csv").read_text().rstrip("\n"))
+    (models / "old-predictions.csv").write_text(  # predict's columns before the one schema
+        "path,grade,grade_name,confidence,prob_0,prob_1,prob_2,prob_3,prob_4,referable_prob,status,error\n"
+        "/x/a.png,0,No DR,0.5,0.5,0.2,0.1,0.1,0.1,0.3,ok,\n")
     (models / "evaluated").mkdir()
     (models / "evaluated" / "metrics.json").write_text("{}\n")
     return Corpus(root=root, clean=clean, data=data, images=images, photos=photos, photo_paths=photo_paths,
@@ -689,7 +706,7 @@ def test_evaluate_lists_unreadable_images_and_leaves_them_out(corpus, evaluated_
         assert abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
     else:
         assert row["status"] == "error" and want in row["error"]
-        assert row["predicted"] == "" and row["prob_0"] == ""
+        assert row["predicted_grade"] == "" and row["prob_0"] == ""
 
 
 def test_evaluate_terminates_on_a_symlink_loop(corpus, slim_run, work):
@@ -725,10 +742,10 @@ def test_predict_gives_every_file_its_status_and_reason(corpus, predicted_photos
     want = IMAGE_CASES[case][1]
     if want == OK:
         assert row["status"] == "ok" and row["error"] == ""
-        assert row["grade"] != "" and abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
+        assert row["predicted_grade"] != "" and abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
     else:
         assert row["status"] == "error" and want in row["error"]
-        assert row["grade"] == "" and row["prob_0"] == ""
+        assert row["predicted_grade"] == "" and row["prob_0"] == ""
     errors = sum(r["status"] == "error" for r in predicted_photos["rows"].values())
     assert errors == len(BROKEN)
     assert f"{len(BROKEN)} unreadable" in " ".join(predicted_photos["output"].split())

@@ -185,7 +185,8 @@ def test_cli_export_then_predict_as_the_usage_line_types_it(trained_run, synth_d
     assert by_path["broken.jpeg"]["status"] == "error" and by_path["broken.jpeg"]["error"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(images) - 1
-    assert all(r["grade_name"] == GRADE_NAMES[int(r["grade"])] for r in ok)
+    assert all(r["grade_name"] == GRADE_NAMES[int(r["predicted_grade"])] for r in ok)
+    assert {r["image"] for r in rows} == {p.name for p in images}
 
     again = runner.invoke(app, ["predict", "folder/"])
     assert again.exit_code == 2 and "--resume" in again.output
