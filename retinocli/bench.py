@@ -520,7 +520,7 @@ def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp
     predict_folder(folder, grader, out=out, batch_size=batch, force=True)  # warm-up
     summary = predict_folder(folder, grader, out=out, batch_size=batch, force=True)
     return Row("infer", predict_name(provider, grader.info.precision), grader.provider,
-               default_threads(), batch, grader.info.preprocess.size, summary.images_per_second)
+               default_threads(), batch, grader.info.preprocess.size, summary.images_per_second or 0.0)
 
 
 # ---------------------------------------------------------------------------- main

@@ -1,16 +1,24 @@
 """Checkpoints as plain dicts: written atomically, loaded with ``weights_only=True``.
 
-A checkpoint holds: ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler``,
-``epoch`` (completed epochs), ``config`` (TrainConfig as a dict), ``class_names``,
-``preprocess`` (Preprocess as a dict), ``metrics`` (validation metrics of that epoch),
-``rng`` (generator states for an exact resume), ``versions``. Everything in it is a tensor
-or plain Python data, so the safe unpickler loads it and no code in a file ever runs.
+A run keeps two, with different jobs:
+
+    best.pt  the model to use (``MODEL_KEYS``): ``model`` (state dict), ``epoch`` (completed
+             epochs), ``config`` (TrainConfig as a dict), ``class_names``, ``preprocess``
+             (Preprocess as a dict), ``small_stem``, ``metrics`` (validation metrics of that
+             epoch), ``versions``. What evaluate and export read; a third of last.pt's bytes
+             with AdamW, which keeps two moments per weight.
+    last.pt  the training state to resume (``MODEL_KEYS`` + ``RESUME_KEYS``): also
+             ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (generator states for an exact
+             resume), ``best_metrics``, ``best_epoch``, ``history``.
+
+Everything in them is a tensor or plain Python data, so the safe unpickler loads them and no
+code in a file ever runs.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +26,26 @@ import torch
 
 from retinocli.errors import RetinoError
 
+MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history")
+
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     """Write ``obj`` to ``path`` so that a crash at any moment leaves the old file or the new one.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then
-    replace ``path`` with one atomic rename.
+    replace ``path`` with one atomic rename. The file gets the permissions of any other
+    output (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -35,7 +53,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -420,38 +420,43 @@ def predict(
                                                 "or one image.")],
     model: Annotated[Optional[Path], typer.Option(
         help="Exported .onnx model (default: the newest one under runs/).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output file (default predictions.csv, "
-                                                     "or predictions.jsonl with --json).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output file, or - for stdout (default predictions.csv; "
+                                                     "with --json, stdout).")] = None,
     provider: ProviderOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
     threads: Annotated[Optional[int], typer.Option(help="Decoding threads (default min(8, cores)).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip images already in the output file.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the graded rows of the output file; read the "
+                                                          "images it lacks or could not read.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output file.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any image failed.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Write JSON lines instead of CSV.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON lines (the CSV's columns as keys) instead of "
+                                                          "CSV.")] = False,
 ) -> None:
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
     from retinocli import display
-    from retinocli.predict import predict_folder
+    from retinocli.predict import check_output, predict_folder
     from retinocli.runtime import OnnxGrader, newest_model
 
+    to_stdout = str(out) == "-" if out is not None else json_out
+    shown = err_console if to_stdout else console  # stdout carries the rows
+    target = sys.stdout if to_stdout else (out if out is not None else Path("predictions.csv"))
     with user_errors():
         if batch_size < 1:
             raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
+        check_output(target, resume=resume, force=force)  # before the model takes its time to load
         if model is None:
             model = newest_model()
-            console.print(f"Using the newest exported model: {model}")
+            shown.print(f"Using the newest exported model: {escape(str(model))}", soft_wrap=True, highlight=False)
         grader = OnnxGrader(model, provider=provider, threads=threads)
-        console.print(f"Model {model} ({grader.info.arch}, {grader.info.precision}, "
-                      f"{grader.info.preprocess.size}px {grader.info.preprocess.mode}) on "
-                      f"[bold]{grader.provider}[/]")
+        shown.print(f"Model {escape(str(model))} ({grader.info.arch}, {grader.info.precision}, "
+                    f"{grader.info.preprocess.size}px {grader.info.preprocess.mode}) on "
+                    f"[bold]{grader.provider}[/]", soft_wrap=True, highlight=False)
         for note in grader.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        target = out if out is not None else Path("predictions.jsonl" if json_out else "predictions.csv")
-        with display.progress_bar(console, "img") as bar:
+            shown.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        with display.progress_bar(shown, "img") as bar:
             summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
                                      resume=resume, force=force, json_lines=json_out, progress=bar)
-    display.render_predict_summary(summary, list(grader.info.grade_names), console)
+    display.render_predict_summary(summary, list(grader.info.grade_names), shown)
     if strict and summary.errors:
         raise typer.Exit(1)
 

@@ -323,29 +323,38 @@ def render_bench(result, console: Console) -> None:
 
 
 def render_predict_summary(summary, grade_names: list[str], console: Console) -> None:
-    """Print predictions per grade, referable count, unreadable files, speed and provider."""
+    """Predictions per grade, referable count, unreadable files, speed, provider, and where they went.
+
+    Each count is stated once. Paths go on lines of their own, never inside a table, so a
+    long one is never wrapped into pieces.
+    """
     from rich.markup import escape
 
     from retinocli.metrics import REFERABLE_GRADE
 
-    graded = sum(summary.counts)
-    table = Table(title=f"{summary.out}: {summary.total:,} images", title_justify="left",
-                  show_footer=True)
-    table.add_column("grade", footer="graded")
+    graded = summary.graded
+    table = Table(title="predicted grades", title_justify="left")
+    table.add_column("grade")
     table.add_column("name")
-    table.add_column("images", justify="right", footer=f"{graded:,}")
-    table.add_column("share", justify="right", footer="100%" if graded else "-")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
     for g, (name, n) in enumerate(zip(grade_names, summary.counts)):
         table.add_row(str(g), escape(name), f"{n:,}", f"{n / graded:.1%}" if graded else "-")
     share = f" ({summary.referable / graded:.1%})" if graded else ""
     table.caption = f"referable DR (grade >= {REFERABLE_GRADE}): [bold]{summary.referable:,}[/]{share}"
     table.caption_justify = "left"
     console.print(table)
-    if summary.errors:
-        console.print(f"[red]{summary.errors:,} unreadable[/] (status \"error\" in the output)")
-        for path, reason in summary.error_examples:
-            console.print(f"  {escape(path)}: {escape(reason)}")
-    console.print(f"{summary.done_now:,} graded now, {summary.skipped:,} resumed; "
-                  f"{summary.images_per_second:,.1f} img/s on [cyan]{summary.provider}[/]")
+    line = f"{summary.total:,} images: {graded:,} graded, {summary.errors:,} unreadable"
+    console.print(line + (' (status "error" in the output)' if summary.errors else ""))
+    for path, reason in summary.error_examples:
+        console.print(f"  {escape(path)}: {escape(reason)}", soft_wrap=True, highlight=False)
+    if summary.kept or summary.retried:
+        retried = f" ({summary.retried:,} unreadable last time, tried again)" if summary.retried else ""
+        console.print(f"this run read {summary.done_now:,}{retried}; {summary.kept:,} graded earlier were kept")
+    speed = (f"{summary.seconds:,.2f} s, {summary.images_per_second:,.1f} img/s "
+             if summary.images_per_second is not None else "")
+    console.print(f"{speed}on [cyan]{summary.provider}[/]")
+    if summary.out != "-":
+        console.print(f"Predictions: {escape(summary.out)}", soft_wrap=True, highlight=False)
     for note in summary.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, highlight=False)

@@ -5,14 +5,14 @@ Both back ends see identical inputs: images are decoded and prepared with numpy/
 (:func:`retinocli.predict.decode_batches`, the predictor's own pipeline) and normalised by
 :func:`retinocli.preprocess.to_batch`; only the forward pass differs. ``evaluate`` writes
 ``metrics.json`` (:func:`retinocli.metrics.summarize` plus where the numbers came from) and
-``predictions.csv`` (one row per image) and returns them.
+``predictions.csv`` (one row per image, :mod:`retinocli.schema` with ``true_grade``) and
+returns them.
 
 torch is imported only when a checkpoint is evaluated; an ONNX model evaluates without it.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -62,12 +62,27 @@ def _onnx_backend(path: Path, provider: str, threads: int | None) -> Backend:
 
     grader = OnnxGrader(path, provider=provider, threads=threads)
     info = grader.info
-    run_dir = Path(info.run) if info.run and Path(info.run).is_dir() else None
+    run_dir = _run_dir_of(path, info)
     return Backend(kind="onnx", path=path, preprocess=info.preprocess, grade_names=tuple(info.grade_names),
                    forward=lambda x: grader.run(x)[1], runtime=grader.provider, run_dir=run_dir,
                    info={"arch": info.arch, "weights": info.weights, "mode": info.mode, "epoch": info.epoch,
                          "precision": info.precision},
                    notes=list(grader.notes))
+
+
+def _run_dir_of(path: Path, info) -> Path | None:
+    """The training run an exported model sits in, or None.
+
+    The metadata names the checkpoint and its SHA-256, never a path (a model travels); the
+    model's own folder is its run when it holds that checkpoint, byte for byte.
+    """
+    from retinocli.runtime import file_sha256
+
+    folder = path.parent
+    ckpt = folder / info.checkpoint if info.checkpoint else None
+    if ckpt is None or not info.checkpoint_sha256 or not ckpt.is_file():
+        return None
+    return folder if file_sha256(ckpt) == info.checkpoint_sha256 else None
 
 
 def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
@@ -222,11 +237,6 @@ def default_out_dir(backend: Backend) -> Path:
     return backend.path.parent
 
 
-def prediction_fields(k: int) -> list[str]:
-    return ["image", "path", "grade", "predicted", "confidence", *(f"prob_{g}" for g in range(k)),
-            "referable_prob", "status", "error"]
-
-
 def evaluate(target: str | Path | None = None, *, data: str | Path | None = None, split: str = "test",
              layout: str | None = None, images: str | Path | None = None, tta: bool = False,
              out: str | Path | None = None, force: bool = False, batch_size: int = 64,
@@ -268,7 +278,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(predictions_path, names, scored, grades, k)
+    _write_predictions(predictions_path, names, scored, grades, backend.grade_names)
     tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, metrics_path)
@@ -286,15 +296,16 @@ def _rounded(a: np.ndarray) -> list[float]:
     return [round(float(v), 6) for v in a]
 
 
-def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray, k: int) -> None:
+def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray,
+                       grade_names: tuple[str, ...]) -> None:
+    """predictions.csv (:mod:`retinocli.schema`, labelled), written whole and then renamed."""
+    from retinocli import schema
+
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(prediction_fields(k))
-        for name, p, g, row in zip(names, scored.paths, grades, scored.probs):
-            if p in scored.errors:
-                writer.writerow([name, p, int(g), "", "", *([""] * k), "", "error", scored.errors[p]])
-                continue
-            writer.writerow([name, p, int(g), int(row.argmax()), f"{row.max():.6f}",
-                             *(f"{v:.6f}" for v in row), f"{row[metrics.REFERABLE_GRADE:].sum():.6f}", "ok", ""])
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = schema.RowWriter(fh, schema.columns(len(grade_names), labelled=True))
+        writer.header()
+        writer.write([schema.make_row(name, p, None if p in scored.errors else row, grade_names, labelled=True,
+                                      true_grade=int(g), error=scored.errors.get(p, ""))
+                      for name, p, g, row in zip(names, scored.paths, grades, scored.probs)])
     os.replace(tmp, path)

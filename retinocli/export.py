@@ -2,7 +2,9 @@
 
 The file holds the eval-mode network (dynamic batch axis, outputs ``logits`` and ``probs``) and,
 in ``metadata_props``, everything prediction needs: grade names, preprocessing, architecture,
-weights, run, metrics at export (:func:`retinocli.runtime.metadata_props`). Before it is put in
+weights, metrics at export, and where it came from by name and hash (the run's name, the
+checkpoint's file name and SHA-256; never a path of the exporting machine)
+(:func:`retinocli.runtime.metadata_props`). Before it is put in
 place it passes ``onnx.checker``'s full check and a parity check against PyTorch on real images
 from the run. ``--fp16`` halves the weights for GPUs; ``--int8`` quantises statically (QDQ,
 per-channel) with calibration images from the training split, and measures the accuracy it costs
@@ -186,7 +188,8 @@ def _at_opset(proto, opset: int):
 
 
 def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
-    from retinocli.runtime import set_metadata
+    """The retino metadata; the run and checkpoint by name and hash, never by path."""
+    from retinocli.runtime import file_sha256, set_metadata
 
     cfg = state["config"]
     scalars = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
@@ -194,7 +197,8 @@ def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
         "grade_names": list(state.get("class_names") or []),
         "preprocess": state["preprocess"],
         "arch": cfg.get("arch"), "weights": cfg.get("weights") or "none", "mode": cfg.get("mode"),
-        "run": str(ckpt.parent), "checkpoint": str(ckpt), "epoch": state.get("epoch"),
+        "run": ckpt.absolute().parent.name, "checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt),
+        "epoch": state.get("epoch"),
         "metrics": {"val": scalars}, "precision": precision, "version": __version__,
     })
     proto.producer_name, proto.producer_version = "retino", __version__

@@ -2,29 +2,33 @@
 
     find_images      the image files under a folder (symlinks followed, loops not)
     decode_batches   decode in a thread pool, in order, a few batches ahead of the model
-    predict_folder   one row per image to CSV or JSON lines, flushed batch by batch, so an
-                     interrupted run resumes where it stopped and never repeats an image
+    predict_folder   one row per image (retinocli.schema) to CSV or JSON lines, flushed
+                     batch by batch, so an interrupted run resumes where it stopped and
+                     never repeats an image
 
-An unreadable file is a row with status "error" and the reason, never a stopped run.
+An unreadable file is a row with status "error" and the reason, never a stopped run; a
+resumed run reads it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from retinocli import NUM_GRADES
+from retinocli import schema
 from retinocli.errors import RetinoError
 from retinocli.layouts import IMAGE_EXTENSIONS
 from retinocli.metrics import REFERABLE_GRADE
@@ -203,230 +207,267 @@ def decode_batches(paths: Iterable, preprocess: Preprocess, *, batch_size: int =
 _END = object()
 
 
-# --------------------------------------------------------------------------- rows
-
-
-def prediction_fields(num_grades: int = NUM_GRADES) -> list[str]:
-    """Columns of a predictions file for a model with ``num_grades`` grades."""
-    return (["path", "grade", "grade_name", "confidence"]
-            + [f"prob_{g}" for g in range(num_grades)]
-            + ["referable_prob", "status", "error"])
-
-
-PREDICTION_FIELDS: tuple[str, ...] = tuple(prediction_fields())
-
-
-def _number(x: np.floating) -> float:
-    # The shortest decimal that reads back as the same float32: 0.2, not 0.20000000298.
-    return float(str(np.float32(x)))
-
-
-def _ok_row(path: str, probs: np.ndarray, grade_names: Sequence[str]) -> dict[str, Any]:
-    grade = int(np.argmax(probs))
-    row: dict[str, Any] = {"path": path, "grade": grade, "grade_name": grade_names[grade],
-                           "confidence": _number(probs[grade])}
-    row.update({f"prob_{g}": _number(p) for g, p in enumerate(probs)})
-    row.update(referable_prob=_number(probs[REFERABLE_GRADE:].sum(dtype=np.float32)),
-               status="ok", error="")
-    return row
-
-
-def _error_row(path: str, reason: str, num_grades: int) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(prediction_fields(num_grades))
-    row.update(path=path, grade_name="", status="error", error=reason)
-    return row
-
-
-class _RowWriter:
-    """Appends rows as CSV or JSON lines, one write and one flush per batch."""
-
-    def __init__(self, fh, fieldnames: list[str], json_lines: bool):
-        self.fh, self.fieldnames, self.json_lines = fh, fieldnames, json_lines
-
-    def header(self) -> None:
-        if not self.json_lines:
-            self.write([dict(zip(self.fieldnames, self.fieldnames))])
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if self.json_lines:
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        else:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, self.fieldnames, lineterminator="\n")
-            writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-            text = buf.getvalue()
-        self.fh.write(text)
-        self.fh.flush()
-
-
 # --------------------------------------------------------------------------- resume
 
+_RESTART = "cannot resume it (pass --force to start over)"
 
-def _read_finished(out: Path, fieldnames: list[str], json_lines: bool) -> dict[str, tuple[str, int | None, str]]:
-    """Rows already in ``out``: path -> (status, grade, error).
 
-    A last line without its newline is what a kill leaves mid-write: it is cut off, and
-    the file truncated to the last complete row, so the resumed run rewrites that image.
+@dataclass
+class _Earlier:
+    """What an earlier run left in the output file.
+
+    Attributes:
+        graded: path -> predicted grade of every row kept (status ok).
+        retry: paths whose rows said error; dropped from the file, to be read again.
+    """
+
+    graded: dict[str, int | None] = field(default_factory=dict)
+    retry: set[str] = field(default_factory=set)
+
+
+def _read_earlier(out: Path, fieldnames: Sequence[str], json_lines: bool) -> _Earlier:
+    """Read ``out`` for ``--resume``: keep its graded rows, drop its error rows for a retry.
+
+    A last line without its newline is what a kill leaves mid-write: once the complete
+    rows are known to be this model's predictions, it is cut off, so the resumed run
+    rewrites that image. A file written by anything else is refused untouched. When rows
+    with status error are dropped, the file is rewritten atomically (a temporary file,
+    then a rename): a kill during the rewrite leaves the old file or the new one.
     """
     data = out.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(out, "r+b") as fh:
-            fh.truncate(len(complete))
     text = complete.decode("utf-8", errors="surrogateescape")
     if not text:
-        return {}
+        # Only a torn first line: start over, if it is the start of what this run writes.
+        first = ("{" + json.dumps(fieldnames[0]) + ": " if json_lines else ",".join(fieldnames)).encode()
+        if data and not (first.startswith(data) or data.startswith(first)):
+            raise RetinoError(f"{out} is not {'JSON lines' if json_lines else 'CSV'} predictions (one "
+                              f"incomplete line); {_RESTART}")
+        _truncate(out, 0)
+        return _Earlier()
     looks_json = text.lstrip().startswith("{")
     if looks_json != json_lines:
-        kind, flag = ("JSON lines", "with --json-lines") if looks_json else ("CSV", "without --json-lines")
+        kind, flag = ("JSON lines", "with --json") if looks_json else ("CSV", "without --json")
         raise RetinoError(f"{out} holds {kind}; resume it {flag}")
-    done: dict[str, tuple[str, int | None, str]] = {}
+    what = "this model's predictions"
+    rows: list[dict[str, Any]] = []
     if json_lines:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        lines = [line for line in text.splitlines() if line.strip()]
+        for n, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-                done[row["path"]] = (row["status"], row["grade"], row.get("error") or "")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RetinoError(f"{out}: line {n} is not a predictions row; cannot resume "
-                                  "(pass --force to start over)") from None
-        return done
-    rows = csv.reader(io.StringIO(text, newline=""))
-    header = next(rows, None)
-    if header != fieldnames:
-        raise RetinoError(f"{out}: its columns are not this model's predictions; cannot resume "
-                          "(pass --force to start over)")
-    col = {name: i for i, name in enumerate(fieldnames)}
-    for n, row in enumerate(rows, 2):
-        if len(row) != len(fieldnames):
-            raise RetinoError(f"{out}: row {n} has {len(row)} columns, expected "
-                              f"{len(fieldnames)}; cannot resume (pass --force to start over)")
-        grade = row[col["grade"]]
-        done[row[col["path"]]] = (row[col["status"]], int(grade) if grade else None,
-                                  row[col["error"]])
-    return done
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise RetinoError(f"{out}: line {n} is not a predictions row; {_RESTART}")
+            reason = schema.refusal(out if n == 1 else f"{out}: line {n}", list(row), fieldnames, what=what,
+                                    remedy=_RESTART)
+            if reason:
+                raise RetinoError(reason)
+            rows.append(row)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None) or []
+        reason = schema.refusal(out, header, fieldnames, what=what, remedy=_RESTART)
+        if reason:
+            raise RetinoError(reason)
+        for n, cells in enumerate(reader, 2):
+            if len(cells) != len(fieldnames):
+                raise RetinoError(f"{out}: row {n} has {len(cells)} columns, expected "
+                                  f"{len(fieldnames)}; {_RESTART}")
+            rows.append(dict(zip(fieldnames, cells)))
+
+    if len(complete) != len(data):  # only now that the file is known to be ours
+        _truncate(out, len(complete))
+    earlier = _Earlier()
+    kept = []
+    for row in rows:
+        if row[schema.STATUS] == schema.OK:
+            grade = row[schema.PREDICTED_GRADE]
+            earlier.graded[row[schema.PATH]] = int(grade) if grade not in ("", None) else None
+            earlier.retry.discard(row[schema.PATH])
+            kept.append(row)
+        else:
+            earlier.retry.add(row[schema.PATH])
+    if len(kept) < len(rows):
+        _rewrite(out, fieldnames, kept, json_lines)
+    return earlier
+
+
+def _truncate(out: Path, size: int) -> None:
+    with open(out, "r+b") as fh:
+        fh.truncate(size)
+
+
+def _rewrite(out: Path, fieldnames: Sequence[str], rows: list[dict[str, Any]], json_lines: bool) -> None:
+    """Replace ``out`` with ``rows`` (as read: CSV cells stay the same text) in one rename."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        writer = schema.RowWriter(fh, fieldnames, json_lines=json_lines)
+        writer.header()
+        writer.write(rows)
+        os.fsync(fh.fileno())
+    shutil.copymode(out, tmp)
+    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- predict
 
+#: A run shorter than this has no meaningful rate (the clock measures set-up, not images).
+MIN_TIMED_SECONDS = 1e-3
+
 
 @dataclass
 class PredictSummary:
-    """What ``predict_folder`` did. Counts cover every image of the folder, resumed or not.
+    """What ``predict_folder`` did: one set of counts over every image of the folder.
+
+    ``total == graded + errors`` (what the output says about the folder) and
+    ``total == done_now + kept`` (what this run did and what an earlier one left).
 
     Attributes:
-        out: the predictions file.
+        out: the predictions file, or ``-`` for a stream such as stdout.
         total: images found.
-        done_now: images graded (or found unreadable) by this run.
-        skipped: images already in ``out`` from an earlier run (``--resume``).
-        errors: unreadable images.
-        counts: readable images per predicted grade.
+        graded: images with a predicted grade (this run or kept from an earlier one).
+        errors: images that could not be read.
+        counts: ``graded`` per predicted grade.
         referable: images predicted grade >= 2 (referable DR).
+        done_now: images this run read (graded or found unreadable).
+        kept: graded rows kept from an earlier run (``--resume``).
+        retried: images unreadable in the earlier run and read again now (in ``done_now``).
         provider: the onnxruntime execution provider that ran.
         seconds: wall time of this run's decoding, inference and writing.
-        images_per_second: ``done_now / seconds``.
-        notes: what this run wants the user to know (what was resumed); the provider's
-            notes are the grader's own (``OnnxGrader.notes``).
+        images_per_second: ``done_now / seconds``; None unless this run graded at least
+            one image and took a measurable time.
+        notes: what this run wants the user to know; the provider's notes are the
+            grader's own (``OnnxGrader.notes``).
         error_examples: the first few ``(path, reason)`` of unreadable images.
     """
 
-    out: Path
+    out: str
     total: int
-    done_now: int
-    skipped: int
+    graded: int
     errors: int
     counts: list[int]
     referable: int
+    done_now: int
+    kept: int
+    retried: int
     provider: str
     seconds: float
-    images_per_second: float
+    images_per_second: float | None
     notes: list[str] = field(default_factory=list)
     error_examples: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["out"] = str(self.out)
         d["error_examples"] = [list(e) for e in self.error_examples]
         return d
 
 
-def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path, batch_size: int = 32,
+def check_output(out: str | Path | TextIO, *, resume: bool = False, force: bool = False) -> None:
+    """Refuse an output ``predict_folder`` must not write: the checks that need no model.
+
+    Raises:
+        RetinoError: resume with force; resume of a stream; a folder; an existing file
+            without resume or force.
+    """
+    if resume and force:
+        raise RetinoError("--resume keeps the rows in the output and --force overwrites them; pass one")
+    if hasattr(out, "write"):
+        if resume:
+            raise RetinoError("--resume continues an output file, not stdout; name the file with --out")
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise RetinoError(f"{path} is a folder; give a file name for the predictions")
+    if path.exists() and not (resume or force):
+        raise RetinoError(f"{path} exists; pass --resume to continue it or --force to overwrite")
+
+
+def _image_name(path: Path, root: Path) -> str:
+    """The ``image`` column: the path relative to the folder predicted (the file's name for
+    a single image)."""
+    try:
+        return path.relative_to(root).as_posix() if root != path else path.name
+    except ValueError:
+        return path.name
+
+
+def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | TextIO, batch_size: int = 32,
                    threads: int | None = None, resume: bool = False, force: bool = False,
                    json_lines: bool = False, progress: Progress | None = None) -> PredictSummary:
     """Grade every image under ``folder`` and write one row per image to ``out``.
 
-    Rows (``prediction_fields``) are written in image order and flushed after each batch;
-    the path column is the path as found under ``folder`` as given, and is what
-    ``resume`` matches on, so resume with the same folder argument.
+    Rows (:func:`retinocli.schema.columns`, unlabelled) are written in image order and
+    flushed after each batch; the path column is the path as found under ``folder`` as
+    given, and is what ``resume`` matches on, so resume with the same folder argument.
 
     Args:
         folder: a folder of images (searched recursively) or one image file.
         model: the loaded model.
-        out: the CSV (or JSON lines) file to write.
+        out: the CSV (or JSON lines) file to write, or an open text stream (stdout).
         batch_size: images per inference call.
         threads: decode threads; default one per core, at most 8.
-        resume: keep the rows already in ``out`` and grade only the images it lacks.
+        resume: keep the graded rows already in ``out``, read the images it lacks and
+            those it says were unreadable (they may have been fixed since).
         force: overwrite an existing ``out``.
-        json_lines: write one JSON object per line instead of CSV.
+        json_lines: write one JSON object per line (the same keys) instead of CSV.
         progress: a rich Progress (``display.progress_bar``) to advance per batch.
 
     Raises:
         RetinoError: no images, ``out`` exists without resume or force, or it cannot be
-            resumed (another format or model).
+            resumed (another format, model or command wrote it).
     """
-    out = Path(out)
+    stream = out if hasattr(out, "write") else None
+    out_name = "-" if stream is not None else str(out)
     if batch_size < 1:
         raise RetinoError(f"batch size must be >= 1, got {batch_size}")
-    if resume and force:
-        raise RetinoError("--resume keeps the rows in the output and --force overwrites them; pass one")
-    if out.is_dir():
-        raise RetinoError(f"{out} is a folder; give a file name for the predictions")
-    if out.exists() and not (resume or force):
-        raise RetinoError(f"{out} exists; pass --resume to continue it or --force to overwrite")
-    images = find_images(folder)
+    check_output(out, resume=resume, force=force)
+    path = Path(out) if stream is None else None
+    root = Path(folder)
+    images = find_images(root)
     if not images:
         raise RetinoError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     names = model.info.grade_names
     k = len(names)
-    fieldnames = prediction_fields(k)
+    fieldnames = schema.columns(k, labelled=False)
     notes: list[str] = []  # the model's own notes (provider fallback) stay in model.notes
 
-    finished: dict[str, tuple[str, int | None, str]] = {}
-    if resume and out.exists():
-        finished = _read_finished(out, fieldnames, json_lines)
+    earlier = _Earlier()
+    if resume and path is not None and path.exists():
+        earlier = _read_earlier(path, fieldnames, json_lines)
     elif resume:
-        notes.append(f"nothing to resume: {out} does not exist yet")
+        notes.append(f"nothing to resume: {path} does not exist yet")
     keys = [str(p) for p in images]
-    todo = [p for p, key in zip(images, keys) if key not in finished]
-    skipped = len(images) - len(todo)
-    if skipped:
-        notes.append(f"resumed {out}: {skipped:,} image(s) already graded")
+    todo = [p for p, key in zip(images, keys) if key not in earlier.graded]
+    retried = sum(str(p) in earlier.retry for p in todo)
 
-    results: dict[str, tuple[str, int | None, str]] = {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    append = resume and out.exists() and out.stat().st_size > 0
+    results: dict[str, tuple[int | None, str]] = {}  # path -> (grade, error) of this run
+    append = resume and path is not None and path.exists() and path.stat().st_size > 0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target = open(path, "a" if append else "w", encoding="utf-8", errors="surrogateescape", newline="")
+    else:
+        target = contextlib.nullcontext(stream)
     task = progress.add_task("predict", total=len(todo), postfix="") if progress is not None else None
     bad_now = 0
     start = time.perf_counter()
-    with open(out, "a" if append else "w", encoding="utf-8", errors="surrogateescape",
-              newline="") as fh:
-        writer = _RowWriter(fh, fieldnames, json_lines)
+    with target as fh:
+        writer = schema.RowWriter(fh, fieldnames, json_lines=json_lines)
         if not append:
             writer.header()
         for batch in decode_batches(todo, model.info.preprocess, batch_size=batch_size,
                                     threads=threads):
-            probs = model.predict(batch.images)
+            probs = iter(model.predict(batch.images))
             reasons = {str(p): reason for p, reason in batch.errors}
-            rows, good = [], iter(probs)
-            for path in batch.paths:
-                key = str(path)
-                if key in reasons:
-                    rows.append(_error_row(key, reasons[key], k))
-                else:
-                    rows.append(_ok_row(key, next(good), names))
-                row = rows[-1]
-                results[key] = (row["status"], row["grade"], row["error"])
+            rows = []
+            for image in batch.paths:
+                key = str(image)
+                p = None if key in reasons else next(probs)
+                row = schema.make_row(_image_name(image, root), key, p, names, labelled=False,
+                                      error=reasons.get(key, ""))
+                rows.append(row)
+                results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR])
             writer.write(rows)
             bad_now += len(batch.errors)
             if progress is not None:
@@ -437,16 +478,18 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path, ba
     counts = [0] * k
     errors, examples = 0, []
     for key in keys:
-        status, grade, reason = results.get(key) or finished[key]
-        if status == "ok" and grade is not None and 0 <= grade < k:
+        grade, reason = results[key] if key in results else (earlier.graded[key], "")
+        if grade is not None and 0 <= grade < k:
             counts[grade] += 1
-        elif status != "ok":
+        else:
             errors += 1
             if len(examples) < _ERROR_EXAMPLES:
                 examples.append((key, reason))
+    graded_now = len(todo) - bad_now
+    timed = graded_now > 0 and seconds >= MIN_TIMED_SECONDS
     return PredictSummary(
-        out=out, total=len(images), done_now=len(todo), skipped=skipped, errors=errors,
-        counts=counts, referable=sum(counts[REFERABLE_GRADE:]), provider=model.provider,
-        seconds=seconds, images_per_second=len(todo) / seconds if seconds > 0 else 0.0,
-        notes=notes, error_examples=examples,
+        out=out_name, total=len(images), graded=sum(counts), errors=errors, counts=counts,
+        referable=sum(counts[REFERABLE_GRADE:]), done_now=len(todo), kept=len(images) - len(todo),
+        retried=retried, provider=model.provider, seconds=seconds,
+        images_per_second=len(todo) / seconds if timed else None, notes=notes, error_examples=examples,
     )

@@ -1,9 +1,9 @@
 """Figures and a markdown summary of training runs: what ``retino report`` writes.
 
 Reads only what other commands left in a run folder: ``config.json``, ``history.csv`` and
-``split.csv`` from ``retino train``, and ``metrics.json`` (plus ``predictions.csv``) from
-``retino evaluate`` once a run has been evaluated. numpy, pandas and matplotlib only, no
-torch. Every figure is its own :class:`matplotlib.figure.Figure` on an Agg canvas, so no
+``split.csv`` from ``retino train``, and ``metrics.json`` (plus ``predictions.csv``, checked
+against :mod:`retinocli.schema`) from ``retino evaluate`` once a run has been evaluated.
+numpy, pandas and matplotlib only, no torch. Every figure is its own :class:`matplotlib.figure.Figure` on an Agg canvas, so no
 pyplot state is created or changed; the ``*_figure`` functions return them for notebooks
 and :func:`write_report` saves them next to ``report.md``.
 """
@@ -123,26 +123,32 @@ class RunSummary:
         roc = self.metrics.get("referable_roc")
         if isinstance(roc, dict) and roc.get("fpr") and roc.get("tpr"):
             return list(roc["fpr"]), list(roc["tpr"])
-        return _roc_from_predictions(self.dir / "predictions.csv")
+        names = self.metrics.get("grade_names")
+        return _roc_from_predictions(self.dir / "predictions.csv", len(names) if names else NUM_GRADES)
 
 
-def _roc_from_predictions(path: Path) -> tuple[list[float], list[float]] | None:
-    """Rows with a grade and a finite ``referable_prob`` (unreadable images have neither)."""
+def _roc_from_predictions(path: Path, num_grades: int) -> tuple[list[float], list[float]] | None:
+    """The ROC of the readable rows of evaluate's predictions.csv (None without the file).
+
+    Raises:
+        RetinoError: the file is not evaluate's predictions for ``num_grades`` grades (predict's
+            output, an older retino's columns, another model's grades).
+    """
     import numpy as np
-    import pandas as pd
 
+    from retinocli import schema
     from retinocli.metrics import REFERABLE_GRADE, roc_curve
 
     if not path.is_file():
         return None
+    rows = schema.read_rows(path, schema.columns(num_grades, labelled=True),
+                            what="`retino evaluate`'s predictions", remedy="run retino evaluate again with --force")
+    ok = [r for r in rows if r[schema.STATUS] == schema.OK]
     try:
-        pred = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError):
-        return None
-    if not {"grade", "referable_prob"} <= set(pred.columns):
-        return None
-    grade = pd.to_numeric(pred["grade"], errors="coerce").to_numpy(dtype=float)
-    prob = pd.to_numeric(pred["referable_prob"], errors="coerce").to_numpy(dtype=float)
+        grade = np.array([float(r[schema.TRUE_GRADE]) for r in ok])
+        prob = np.array([float(r[schema.REFERABLE_PROB]) for r in ok])
+    except ValueError as exc:
+        raise RetinoError(f"{path}: a row with status ok holds a value that is not a number ({exc})") from None
     keep = np.isfinite(grade) & np.isfinite(prob)
     if not keep.any():
         return None
@@ -270,8 +276,10 @@ def load_run(path: str | Path) -> RunSummary:
         metrics = _read_json(path / "metrics.json")
         if not isinstance(metrics.get("metrics"), dict):
             raise RetinoError(f"{path}/metrics.json has no 'metrics' object; rerun retino evaluate")
-    return RunSummary(dir=path, config=config, history=history, split=split, metrics=metrics,
-                      label=run_label(config))
+    run = RunSummary(dir=path, config=config, history=history, split=split, metrics=metrics,
+                     label=run_label(config))
+    run.referable_roc()  # a predictions.csv it needs is checked now, before a figure is written
+    return run
 
 
 def load_runs(paths: list[str | Path]) -> list[RunSummary]:

@@ -53,6 +53,7 @@ CPU = "CPUExecutionProvider"
 PROVIDERS: dict[str, str] = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 PROVIDER_CHOICES: tuple[str, ...] = ("auto", *PROVIDERS)
 _INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ORT_QUIET = 3  # session log level: errors only; onnxruntime's warnings are not for users
 
 
@@ -69,8 +70,9 @@ class ModelInfo:
     arch: str = ""
     weights: str = "none"
     mode: str = ""
-    run: str = ""
-    checkpoint: str = ""
+    run: str = ""  # the run folder's name, never a path
+    checkpoint: str = ""  # the checkpoint's file name, never a path
+    checkpoint_sha256: str = ""
     epoch: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
@@ -104,10 +106,12 @@ def metadata_props(info_fields: Mapping[str, Any]) -> dict[str, str]:
     Args:
         info_fields: ModelInfo's fields as plain values (``path`` is ignored):
             ``grade_names`` (list of str) and ``preprocess`` (dict or Preprocess) are
-            required; ``arch``, ``weights``, ``mode``, ``run``, ``checkpoint``, ``epoch``
-            (int or None), ``metrics`` (dict), ``precision`` (fp32, fp16 or int8),
-            ``version`` (default: this retino) and ``exported`` (ISO time, default: now)
-            are optional.
+            required; ``arch``, ``weights``, ``mode``, ``run`` (the run's name),
+            ``checkpoint`` (its file name), ``checkpoint_sha256``, ``epoch`` (int or
+            None), ``metrics`` (dict), ``precision`` (fp32, fp16 or int8), ``version``
+            (default: this retino) and ``exported`` (ISO time, default: now) are optional.
+            ``run`` and ``checkpoint`` are names, not paths: a shared model must not carry
+            its author's folders.
 
     Raises:
         ValueError: an unknown field, a missing required one, or a value of the wrong kind
@@ -131,6 +135,13 @@ def metadata_props(info_fields: Mapping[str, Any]) -> dict[str, str]:
     precision = info_fields.get("precision") or "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"metadata_props: precision must be one of {', '.join(PRECISIONS)}")
+    for key in ("run", "checkpoint"):
+        value = str(info_fields.get(key) or "")
+        if "/" in value or "\\" in value:
+            raise ValueError(f"metadata_props: {key} must be a name, not a path, got {value!r}")
+    digest = str(info_fields.get("checkpoint_sha256") or "")
+    if digest and not _SHA256.fullmatch(digest):
+        raise ValueError(f"metadata_props: checkpoint_sha256 must be 64 hex digits, got {digest!r}")
     epoch = info_fields.get("epoch")
     exported = info_fields.get("exported") or datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -148,12 +159,28 @@ def metadata_props(info_fields: Mapping[str, Any]) -> dict[str, str]:
         "mode": text("mode"),
         "run": text("run"),
         "checkpoint": text("checkpoint"),
+        "checkpoint_sha256": digest,
         "epoch": "" if epoch is None else str(int(epoch)),
         "metrics": json.dumps(dict(metrics), ensure_ascii=False, default=_json_default),
         "precision": precision,
         "exported": str(exported),
     }
     return {META_PREFIX + k: v for k, v in props.items()}
+
+
+def _last_part(value: str) -> str:
+    """A name from what may be a path: models exported before names replaced paths stored
+    absolute ones, and only their last part means anything on another machine."""
+    return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def set_metadata(model: onnx.ModelProto, info_fields: Mapping[str, Any]) -> None:
@@ -217,11 +244,14 @@ def parse_metadata(props: Mapping[str, str], path: str | Path) -> ModelInfo:
     if precision not in PRECISIONS:
         raise RetinoError(f"{name}: {META_PREFIX}precision must be one of "
                           f"{', '.join(PRECISIONS)}, got {precision!r}")
+    digest = ours.get("checkpoint_sha256", "").strip().lower()
+    if digest and not _SHA256.fullmatch(digest):
+        raise RetinoError(f"{name}: {META_PREFIX}checkpoint_sha256 must be 64 hex digits, got {digest!r}")
     return ModelInfo(
         path=Path(path), grade_names=tuple(names), preprocess=prep,
         arch=ours.get("arch", ""), weights=ours.get("weights", "none"),
-        mode=ours.get("mode", ""), run=ours.get("run", ""),
-        checkpoint=ours.get("checkpoint", ""),
+        mode=ours.get("mode", ""), run=_last_part(ours.get("run", "")),
+        checkpoint=_last_part(ours.get("checkpoint", "")), checkpoint_sha256=digest,
         epoch=int(epoch_text) if epoch_text else None, metrics=metrics,
         precision=precision, version=ours.get("version", ""), exported=ours.get("exported", ""),
     )

@@ -57,20 +57,24 @@ class RunResult:
 # ---------------------------------------------------------------------------- set-up
 
 
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
+#: What resuming reads from last.pt (best_metrics, best_epoch and history may be absent).
+RESUME_NEEDS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
 
 
 def load_resume_state(path: Path) -> dict:
     """The checkpoint ``--resume`` continues from, checked for what resuming reads.
 
     Raises:
-        RetinoError: unreadable, or not a last.pt/best.pt that ``retino train`` wrote.
+        RetinoError: unreadable, or not a last.pt that ``retino train`` wrote (best.pt holds
+            the model only).
     """
     state = load_checkpoint(path)
-    lacks = [k for k in RESUME_KEYS if k not in state]
+    lacks = [k for k in RESUME_NEEDS if k not in state]
     if lacks:
-        raise RetinoError(f"{path}: cannot resume from it, it lacks {', '.join(lacks)} "
-                          "(retino train writes them into last.pt and best.pt)")
+        where = (f"; best.pt keeps only the model (for evaluate and export): resume from "
+                 f"{path.with_name('last.pt')}" if path.name != "last.pt"
+                 else " (retino train writes them into last.pt)")
+        raise RetinoError(f"{path}: cannot resume from it, it lacks {', '.join(lacks)}{where}")
     epoch = state["epoch"]
     if not isinstance(state["config"], dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
         raise RetinoError(f"{path}: cannot resume from it, its config or epoch is not what retino train writes")
@@ -476,14 +480,16 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
             f"of {cfg.batch_size} only; the {dropped} left over are a different {dropped} each epoch")
     say(f"Run folder: {run_dir}")
 
-    def checkpoint(epoch: int, row_metrics: dict) -> dict:
-        return {
-            "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-            "class_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "small_stem": small,
-            "metrics": row_metrics, "best_metrics": best, "best_epoch": best_epoch, "history": history,
-            "rng": {"torch": torch.get_rng_state()}, "versions": device_info,
-        }
+    def checkpoint(epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
+        """best.pt's model (MODEL_KEYS); with ``resumable`` also last.pt's training state."""
+        state = {"model": core.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+                 "class_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "small_stem": small,
+                 "metrics": row_metrics, "versions": device_info}
+        if resumable:
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
+                         best_metrics=best, best_epoch=best_epoch, history=history)
+        return state
 
     stopped = "completed"
     interrupted = False
@@ -539,8 +545,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     best, best_epoch = val, epoch + 1
                 if rank == 0:
                     if improved:
-                        save_checkpoint(checkpoint(epoch + 1, val), run_dir / "best.pt")
-                    save_checkpoint(checkpoint(epoch + 1, val), run_dir / "last.pt")
+                        save_checkpoint(checkpoint(epoch + 1, val, resumable=False), run_dir / "best.pt")
+                    save_checkpoint(checkpoint(epoch + 1, val, resumable=True), run_dir / "last.pt")
                     write_history(run_dir, history)
                 if task is not None:  # every column of history.csv, so a log holds the whole epoch
                     bar.update(task, rate=row["images_per_second"], postfix=(

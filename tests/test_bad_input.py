@@ -31,6 +31,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from retinocli import GRADE_NAMES
 from retinocli.cli import app
 from test_predict import build_model as build_tiny_onnx
 from test_predict import png_claiming
@@ -126,6 +127,8 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "cannot resume, its weights do not fit resnet34"),
         ("resume-checkpoint-with-3-classes", ["--resume", "{ckpts}/resume-3-classes"],
          "cannot resume, its weights do not fit resnet18 with 5 grades"),
+        ("resume-from-best-pt", ["--resume", "{run}/best.pt"],
+         "best.pt keeps only the model (for evaluate and export): resume from"),
     ],
     "evaluate": [
         ("batch-size-zero", ["{run}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -185,6 +188,11 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("out-is-a-folder", ["--out", "{work}"], "is a folder; give a file name for the predictions"),
         ("out-exists", ["--out", "{models}/text.pt"], "exists; pass --resume to continue it or --force"),
         ("resume-and-force", ["--resume", "--force"], "--resume keeps the rows in the output and --force"),
+        ("resume-stdout", ["--out", "-", "--resume"], "--resume continues an output file, not stdout"),
+        ("resume-evaluate-predictions", ["--out", "{models}/evaluate-predictions.csv", "--resume"],
+         "is not this model's predictions (unexpected true_grade): `retino evaluate` wrote it"),
+        ("resume-old-predictions", ["--out", "{models}/old-predictions.csv", "--resume"],
+         "(missing image, predicted_grade; unexpected grade): an older retino wrote it"),
         ("no-such-folder", ["{work}/missing"], "no such folder"),
         ("folder-without-images", ["{models}/empty-folder"], "no images (.jpeg, .jpg"),
         ("file-not-an-image", ["{models}/text.pt"], "is neither a folder nor an image file"),
@@ -485,6 +493,17 @@ def corpus(tmp_path_factory) -> Corpus:
         for prop in proto.metadata_props:
             prop.value = change.get(prop.key, prop.value)
         onnx.save(proto, str(models / name))
+    from retinocli import schema
+
+    ok_probs = [0.5, 0.2, 0.1, 0.1, 0.1]
+    with open(models / "evaluate-predictions.csv", "w", newline="") as fh:  # one row, no newline at the end
+        writer = schema.RowWriter(fh, schema.EVALUATE_COLUMNS)
+        writer.header()
+        writer.write([schema.make_row("a", "/x/a.png", ok_probs, GRADE_NAMES, labelled=True, true_grade=1)])
+    (models / "evaluate-predictions.csv").write_text((models / "evaluate-predictions.csv").read_text().rstrip("\n"))
+    (models / "old-predictions.csv").write_text(  # predict's columns before the one schema
+        "path,grade,grade_name,confidence,prob_0,prob_1,prob_2,prob_3,prob_4,referable_prob,status,error\n"
+        "/x/a.png,0,No DR,0.5,0.5,0.2,0.1,0.1,0.1,0.3,ok,\n")
     (models / "evaluated").mkdir()
     (models / "evaluated" / "metrics.json").write_text("{}\n")
     return Corpus(root=root, clean=clean, data=data, images=images, photos=photos, photo_paths=photo_paths,
@@ -493,7 +512,7 @@ def corpus(tmp_path_factory) -> Corpus:
 
 @pytest.fixture(scope="module")
 def slim_run(trained_run, tmp_path_factory) -> Path:
-    """The trained run without its optimizer state (a third of the bytes), plus spoilt checkpoints.
+    """The trained run without last.pt (best.pt is a third of its bytes), plus spoilt checkpoints.
 
     ``ckpts/<case>/best.pt`` for evaluate and export, ``ckpts/<case>/last.pt`` for --resume.
     """
@@ -504,9 +523,9 @@ def slim_run(trained_run, tmp_path_factory) -> Path:
     run.mkdir()
     for name in ("split.csv", "config.json", "history.csv"):
         shutil.copy(trained_run / name, run / name)
-    state = load_checkpoint(trained_run / "best.pt")
-    state.pop("optimizer")
+    state = load_checkpoint(trained_run / "best.pt")  # the model only: no optimizer
     save_checkpoint(state, run / "best.pt")
+    resumable = {**load_checkpoint(trained_run / "last.pt"), "optimizer": {}}  # complete, an empty optimizer
 
     cfg = state["config"]
     three = dict(state["model"], **{"fc.weight": state["model"]["fc.weight"][:3],
@@ -515,10 +534,10 @@ def slim_run(trained_run, tmp_path_factory) -> Path:
         "other-arch/best.pt": {**state, "config": {**cfg, "arch": "resnet34"}},
         "3-classes/best.pt": {**state, "class_names": ["none", "some", "much"]},
         "no-preprocess/best.pt": {k: v for k, v in state.items() if k != "preprocess"},
-        "no-optimizer/last.pt": state,
-        # complete for a resume (an empty optimizer state), with more epochs to go
-        "resume-other-arch/last.pt": {**state, "optimizer": {}, "config": {**cfg, "arch": "resnet34", "epochs": 99}},
-        "resume-3-classes/last.pt": {**state, "optimizer": {}, "model": three, "config": {**cfg, "epochs": 99},
+        "no-optimizer/last.pt": {k: v for k, v in resumable.items() if k != "optimizer"},
+        # complete for a resume, with more epochs to go
+        "resume-other-arch/last.pt": {**resumable, "config": {**cfg, "arch": "resnet34", "epochs": 99}},
+        "resume-3-classes/last.pt": {**resumable, "model": three, "config": {**cfg, "epochs": 99},
                                      "class_names": ["none", "some", "much"]},
     }
     for name, ckpt in variants.items():
@@ -687,7 +706,7 @@ def test_evaluate_lists_unreadable_images_and_leaves_them_out(corpus, evaluated_
         assert abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
     else:
         assert row["status"] == "error" and want in row["error"]
-        assert row["predicted"] == "" and row["prob_0"] == ""
+        assert row["predicted_grade"] == "" and row["prob_0"] == ""
 
 
 def test_evaluate_terminates_on_a_symlink_loop(corpus, slim_run, work):
@@ -723,10 +742,10 @@ def test_predict_gives_every_file_its_status_and_reason(corpus, predicted_photos
     want = IMAGE_CASES[case][1]
     if want == OK:
         assert row["status"] == "ok" and row["error"] == ""
-        assert row["grade"] != "" and abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
+        assert row["predicted_grade"] != "" and abs(sum(float(row[f"prob_{g}"]) for g in range(5)) - 1) < 1e-5
     else:
         assert row["status"] == "error" and want in row["error"]
-        assert row["grade"] == "" and row["prob_0"] == ""
+        assert row["predicted_grade"] == "" and row["prob_0"] == ""
     errors = sum(r["status"] == "error" for r in predicted_photos["rows"].values())
     assert errors == len(BROKEN)
     assert f"{len(BROKEN)} unreadable" in " ".join(predicted_photos["output"].split())

@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 from typer.testing import CliRunner
 
+from retinocli import GRADE_NAMES, schema
 from retinocli.cli import app
 from retinocli.errors import RetinoError
 from retinocli.evaluate import evaluate, tta_views
@@ -40,9 +41,12 @@ def test_evaluate_checkpoint_on_test_split(run_copy):
     assert m["qwk"] > 0.5
 
     rows = _predictions(run_copy / "predictions.csv")
+    assert tuple(rows[0]) == schema.EVALUATE_COLUMNS
     assert [r["image"] for r in rows] == [r["image"] for r in split]
-    y = np.array([int(r["grade"]) for r in rows])
-    pred = np.array([int(r["predicted"]) for r in rows])
+    assert [r["true_grade"] for r in rows] == [r["grade"] for r in split]
+    y = np.array([int(r["true_grade"]) for r in rows])
+    pred = np.array([int(r["predicted_grade"]) for r in rows])
+    assert [r["grade_name"] for r in rows] == [GRADE_NAMES[g] for g in pred]
     probs = np.array([[float(r[f"prob_{g}"]) for g in range(5)] for r in rows])
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == pred).all()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,10 @@ def test_export_writes_checked_self_describing_model(exported):
     assert list(info.grade_names) == list(GRADE_NAMES)
     assert info.preprocess.to_dict() == state["preprocess"]
     assert info.arch == "resnet18" and info.precision == "fp32" and info.epoch == state["epoch"]
-    assert info.run == str(exported) and info.checkpoint == str(exported / "best.pt")
+    # names and a hash, no path of this machine: a shared model does not leak its author's folders
+    assert (info.run, info.checkpoint) == ("train", "best.pt")
+    assert info.checkpoint_sha256 == hashlib.sha256((exported / "best.pt").read_bytes()).hexdigest()
+    assert str(exported.parent) not in " ".join(p.value for p in proto.metadata_props)
     assert info.metrics["val"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"])
 
 
@@ -77,6 +81,25 @@ def test_onnx_and_checkpoint_evaluations_agree(exported, tmp_path):
     pa = np.array([[float(r[f"prob_{g}"]) for g in range(5)] for r in csv.DictReader(open(a.predictions_path))])
     pb = np.array([[float(r[f"prob_{g}"]) for g in range(5)] for r in csv.DictReader(open(b.predictions_path))])
     assert np.abs(pa - pb).max() < 1e-4
+
+
+def test_a_model_finds_its_run_by_the_checkpoints_hash(exported, tmp_path):
+    """evaluate without --data needs the run's split.csv: model.onnx beside the very best.pt
+    it came from finds it; a copy elsewhere, or beside another best.pt, does not."""
+    from retinocli.evaluate import open_model
+
+    assert open_model(exported / "model.onnx", provider="cpu").run_dir == exported
+    alone = tmp_path / "shared" / "model.onnx"
+    alone.parent.mkdir()
+    shutil.copy(exported / "model.onnx", alone)
+    assert open_model(alone, provider="cpu").run_dir is None
+    with pytest.raises(RetinoError, match="its training run is not here .* pass --data"):
+        evaluate(alone, split="test", out=tmp_path / "eval")
+    retrained = Path(shutil.copytree(exported, tmp_path / "retrained"))
+    state = load_checkpoint(retrained / "best.pt")
+    state["epoch"] += 1
+    save_checkpoint(state, retrained / "best.pt")
+    assert open_model(retrained / "model.onnx", provider="cpu").run_dir is None
 
 
 def test_export_refuses_to_overwrite(exported):
@@ -162,7 +185,8 @@ def test_cli_export_then_predict_as_the_usage_line_types_it(trained_run, synth_d
     assert by_path["broken.jpeg"]["status"] == "error" and by_path["broken.jpeg"]["error"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(images) - 1
-    assert all(r["grade_name"] == GRADE_NAMES[int(r["grade"])] for r in ok)
+    assert all(r["grade_name"] == GRADE_NAMES[int(r["predicted_grade"])] for r in ok)
+    assert {r["image"] for r in rows} == {p.name for p in images}
 
     again = runner.invoke(app, ["predict", "folder/"])
     assert again.exit_code == 2 and "--resume" in again.output

@@ -25,14 +25,8 @@ from PIL import Image
 
 from retinocli import GRADE_NAMES
 from retinocli.errors import RetinoError
-from retinocli.predict import (
-    PREDICTION_FIELDS,
-    PredictSummary,
-    decode_batches,
-    find_images,
-    predict_folder,
-    prediction_fields,
-)
+from retinocli import schema
+from retinocli.predict import PredictSummary, decode_batches, find_images, predict_folder
 from retinocli.display import render_predict_summary
 from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.runtime import (
@@ -66,7 +60,7 @@ INFO = {
     "grade_names": list(GRADE_NAMES),
     "preprocess": Preprocess(size=SIZE, mode="none").to_dict(),
     "arch": "resnet18", "weights": "imagenet", "mode": "finetune",
-    "run": "runs/exp1", "checkpoint": "runs/exp1/best.pt", "epoch": 7,
+    "run": "exp1", "checkpoint": "best.pt", "checkpoint_sha256": "0123456789abcdef" * 4, "epoch": 7,
     "metrics": {"qwk": 0.8125, "accuracy": 0.7, "per_class_f1": [0.9, 0.1, 0.5, 0.0, 0.25],
                 "note": "Ünïcode ok"},
     "precision": "fp32", "version": "0.1.0", "exported": "2024-05-01T12:00:00+00:00",
@@ -183,6 +177,18 @@ def test_metadata_defaults_and_numpy_metrics():
         metadata_props({"preprocess": {}})
 
 
+def test_metadata_names_no_paths():
+    """A model travels: its metadata names the run and checkpoint, never where they were."""
+    with pytest.raises(ValueError, match="run must be a name, not a path"):
+        metadata_props({**INFO, "run": "/home/alice/runs/exp1"})
+    with pytest.raises(ValueError, match="checkpoint must be a name, not a path"):
+        metadata_props({**INFO, "checkpoint": "runs\\exp1\\best.pt"})
+    # Models exported before kept absolute paths: only the names are read from them.
+    old = _props(run="/home/alice/runs/exp1", checkpoint="/home/alice/runs/exp1/best.pt", checkpoint_sha256=None)
+    info = parse_metadata(old, "m.onnx")
+    assert (info.run, info.checkpoint, info.checkpoint_sha256) == ("exp1", "best.pt", "")
+
+
 def _props(**change) -> dict:
     props = metadata_props(INFO)
     for key, value in change.items():
@@ -211,6 +217,7 @@ def _props(**change) -> dict:
     (_props(metrics="[0.5]"), "retino.metrics must be a JSON object"),
     (_props(epoch="seven"), "retino.epoch must be an integer"),
     (_props(precision="fp8"), "retino.precision must be one of fp32, fp16, int8"),
+    (_props(checkpoint_sha256="not-a-hash"), "retino.checkpoint_sha256 must be 64 hex digits"),
 ])
 def test_bad_metadata_is_one_clear_line(props, message):
     with pytest.raises(RetinoError) as err:
@@ -490,18 +497,19 @@ def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return folder, zoo(folder)
 
 
-def check_rows(rows: list[dict], expected: dict[str, str], p: Preprocess) -> None:
+def check_rows(rows: list[dict], expected: dict[str, str], p: Preprocess, folder: Path) -> None:
     assert sorted(r["path"] for r in rows) == sorted(expected)
     for row in rows:
+        assert row["image"] == Path(row["path"]).relative_to(folder).as_posix()
         want = expected[row["path"]]
         if want != "ok":
             assert row["status"] == "error" and want in row["error"], row
-            assert row["grade"] in ("", None) and row["prob_0"] in ("", None)
+            assert row["predicted_grade"] in ("", None) and row["prob_0"] in ("", None)
             continue
         assert row["status"] == "ok" and row["error"] == ""
         probs = np.array([float(row[f"prob_{g}"]) for g in range(5)])
         assert abs(probs.sum() - 1) < 1e-5
-        grade = int(row["grade"])
+        grade = int(row["predicted_grade"])
         assert grade == int(np.argmax(probs)) and row["grade_name"] == GRADE_NAMES[grade]
         assert float(row["confidence"]) == probs[grade]
         assert float(row["referable_prob"]) == pytest.approx(probs[2:].sum(), abs=1e-6)
@@ -509,40 +517,61 @@ def check_rows(rows: list[dict], expected: dict[str, str], p: Preprocess) -> Non
         np.testing.assert_allclose(probs, reference(to_batch([arr], p))[1][0], atol=1e-5)
 
 
-def test_predict_folder_statuses_probs_and_summary(tmp_path, grader, photo_folder):
+def test_predict_folder_statuses_probs_and_summary(tmp_path, grader, photo_folder, monkeypatch):
     from rich.console import Console
 
     from retinocli.display import progress_bar
 
     folder, expected = photo_folder
-    out = tmp_path / "preds" / "predictions.csv"
+    # The output under a 150+ character folder, rendered 60 columns wide: a path is never cut.
+    out = tmp_path / ("a-long-folder-name-" * 8) / "preds" / "predictions.csv"
+    assert len(str(out)) > 150
     progress = progress_bar(Console(file=io.StringIO()))
     summary = predict_folder(folder, grader, out=out, batch_size=4, threads=2, progress=progress)
     rows = read_rows(out)
-    assert list(rows[0]) == list(PREDICTION_FIELDS) == prediction_fields(5)
+    assert tuple(rows[0]) == schema.PREDICT_COLUMNS == schema.columns(5, labelled=False)
     assert [r["path"] for r in rows] == [str(q) for q in find_images(folder)]
-    check_rows(rows, expected, grader.info.preprocess)
+    check_rows(rows, expected, grader.info.preprocess, folder)
     assert len(rows) == 15
     assert {r["path"]: r["status"] for r in rows} == {
         k: "ok" if v == "ok" else "error" for k, v in expected.items()}
 
-    counts = [sum(r["grade"] == str(g) for r in rows) for g in range(5)]
+    counts = [sum(r["predicted_grade"] == str(g) for r in rows) for g in range(5)]
     assert sum(c > 0 for c in counts) >= 3  # the colours reach several grades
     assert isinstance(summary, PredictSummary)
-    assert (summary.total, summary.done_now, summary.skipped, summary.errors) == (15, 15, 0, 4)
-    assert summary.counts == counts and summary.referable == sum(counts[2:])
-    assert summary.provider == CPU and summary.images_per_second > 0
+    d = json.loads(json.dumps(summary.to_dict()))
+    # one set of counts: the folder is graded + unreadable, and read now + kept
+    assert {k: d[k] for k in ("out", "total", "graded", "errors", "done_now", "kept", "retried")} == {
+        "out": str(out), "total": 15, "graded": 11, "errors": 4, "done_now": 15, "kept": 0, "retried": 0}
+    assert d["counts"] == counts and sum(counts) == 11 and d["referable"] == sum(counts[2:])
+    assert summary.provider == CPU and summary.images_per_second == pytest.approx(15 / summary.seconds)
     assert [p for p, _ in summary.error_examples] == [
         r["path"] for r in rows if r["status"] == "error"]
     assert progress.tasks[0].completed == progress.tasks[0].total == 15
-    assert json.loads(json.dumps(summary.to_dict()))["counts"] == counts
 
-    console = Console(record=True, width=200)
+    monkeypatch.setenv("COLUMNS", "60")
+    console = Console(file=io.StringIO(), record=True)
+    assert console.width == 60
     render_predict_summary(summary, GRADE_NAMES, console)
     text = console.export_text()
-    for needle in ("15 images", "Proliferative", "referable DR (grade >= 2)", "4 unreadable",
-                   "truncated image", "CPUExecutionProvider", "15 graded now, 0 resumed"):
-        assert needle in text
+    assert f"Predictions: {out}" in text.splitlines()  # the path whole, on its own line
+    words = " ".join(text.split())  # other lines may wrap at 60 columns
+    assert "15 images: 11 graded, 4 unreadable" in words and words.count("graded") == 1  # stated once
+
+
+def test_predict_summary_shows_a_rate_only_when_it_means_something(tmp_path, grader):
+    from rich.console import Console
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "empty.jpg").write_bytes(b"")
+    summary = predict_folder(tmp_path / "one", grader, out=tmp_path / "p.csv")
+    assert (summary.total, summary.graded, summary.errors, summary.done_now) == (1, 0, 1, 1)
+    assert summary.images_per_second is None
+    console = Console(file=io.StringIO(), record=True, width=100)
+    render_predict_summary(summary, GRADE_NAMES, console)
+    text = console.export_text()
+    assert "img/s" not in text and "on CPUExecutionProvider" in text
+    assert "1 images: 0 graded, 1 unreadable" in text
 
 
 def test_resume_after_a_kill_writes_every_image_once(tmp_path, grader, photo_folder):
@@ -551,39 +580,69 @@ def test_resume_after_a_kill_writes_every_image_once(tmp_path, grader, photo_fol
     predict_folder(folder, grader, out=full, batch_size=4, threads=2)
     lines = full.read_text().splitlines(keepends=True)
     assert len(lines) == 16
+    by_path = {r["path"]: r for r in read_rows(full)}
 
-    # Killed mid-write: header, five rows, and half of the sixth.
+    # Killed mid-write: header, five rows (one of them an unreadable file), half of the sixth.
     out = tmp_path / "partial.csv"
-    kept = "".join(lines[:6])
-    out.write_text(kept + lines[6][: len(lines[6]) // 2])
+    first = lines[1:6]
+    assert sum(",error," in line for line in first) == 1
+    out.write_text(lines[0] + "".join(first) + lines[6][: len(lines[6]) // 2])
     with pytest.raises(RetinoError, match="partial.csv exists; pass --resume to continue it or --force"):
         predict_folder(folder, grader, out=out)
     summary = predict_folder(folder, grader, out=out, batch_size=3, threads=2, resume=True)
-    assert (summary.total, summary.skipped, summary.done_now, summary.errors) == (15, 5, 10, 4)
+    assert (summary.total, summary.kept, summary.done_now, summary.retried) == (15, 4, 11, 1)
+    assert (summary.graded, summary.errors) == (11, 4)
     text = out.read_text()
-    assert text.startswith(kept)  # finished rows untouched
+    graded_first = [line for line in first if ",error," not in line]
+    assert text.startswith(lines[0] + "".join(graded_first))  # graded rows untouched
     rows = read_rows(out)
-    assert [r["path"] for r in rows] == [r["path"] for r in read_rows(full)]
-    check_rows(rows, expected, grader.info.preprocess)
-    for got, want in zip(rows, read_rows(full)):
-        assert got["status"] == want["status"] and got["grade"] == want["grade"]
+    assert sorted(r["path"] for r in rows) == sorted(by_path)  # every image exactly once
+    check_rows(rows, expected, grader.info.preprocess, folder)
+    for got in rows:
+        want = by_path[got["path"]]
+        assert got["status"] == want["status"] and got["predicted_grade"] == want["predicted_grade"]
         for g in range(5):
             assert float(got[f"prob_{g}"] or 0) == pytest.approx(float(want[f"prob_{g}"] or 0), abs=1e-6)
 
-    # Resuming a finished file does nothing; --force starts over.
+    # Resuming a finished file reads again only what could not be read; --force starts over.
     again = predict_folder(folder, grader, out=out, resume=True)
-    assert (again.done_now, again.skipped, again.errors) == (0, 15, 4) and out.read_text() == text
+    assert (again.kept, again.done_now, again.retried, again.errors) == (11, 4, 4, 4)
     assert again.counts == summary.counts
+    assert sorted(out.read_text().splitlines()) == sorted(text.splitlines())
     forced = predict_folder(folder, grader, out=out, force=True, batch_size=4)
     assert forced.done_now == 15 and len(read_rows(out)) == 15
     with pytest.raises(RetinoError, match="pass one"):
         predict_folder(folder, grader, out=out, force=True, resume=True)
-    with pytest.raises(RetinoError, match="holds CSV; resume it without --json-lines"):
+    with pytest.raises(RetinoError, match="holds CSV; resume it without --json"):
         predict_folder(folder, grader, out=out, resume=True, json_lines=True)
     # A kill before the header was complete leaves nothing to keep.
-    out.write_text("path,gra")
+    out.write_text("image,path,predicted_gra")
     assert predict_folder(folder, grader, out=out, resume=True).done_now == 15
     assert len(read_rows(out)) == 15
+    # A file someone else wrote is refused as it is, even its incomplete last line.
+    for foreign in ("path,grade\n/x.png,2", "notes without a newline"):
+        out.write_text(foreign)
+        with pytest.raises(RetinoError, match="pass --force to start over"):
+            predict_folder(folder, grader, out=out, resume=True)
+        assert out.read_text() == foreign
+
+
+def test_resume_reads_again_the_files_that_were_fixed(tmp_path, grader):
+    folder = tmp_path / "photos"
+    for i in range(4):
+        write_image(folder / f"{i}.png", seed=i)
+    (folder / "2.png").write_bytes(b"")  # broken in the first run
+    (folder / "3.png").write_bytes(b"still broken")
+    out = tmp_path / "p.csv"
+    first = predict_folder(folder, grader, out=out)
+    assert (first.graded, first.errors) == (2, 2)
+    write_image(folder / "2.png", seed=2)  # fixed since
+    again = predict_folder(folder, grader, out=out, resume=True)
+    assert (again.kept, again.done_now, again.retried, again.graded, again.errors) == (2, 2, 2, 3, 1)
+    rows = {r["path"]: r for r in read_rows(out)}
+    assert len(rows) == 4 == len(read_rows(out))  # no image twice
+    assert rows[str(folder / "2.png")]["status"] == "ok" and rows[str(folder / "2.png")]["error"] == ""
+    assert rows[str(folder / "3.png")]["status"] == "error"
 
 
 def test_json_lines_output_and_resume(tmp_path, grader, photo_folder):
@@ -591,25 +650,38 @@ def test_json_lines_output_and_resume(tmp_path, grader, photo_folder):
     out = tmp_path / "predictions.jsonl"
     predict_folder(folder, grader, out=out, json_lines=True, batch_size=5)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 15 and all(list(r) == list(PREDICTION_FIELDS) for r in rows)
-    check_rows(rows, expected, grader.info.preprocess)
+    assert len(rows) == 15 and all(tuple(r) == schema.PREDICT_COLUMNS for r in rows)
+    check_rows(rows, expected, grader.info.preprocess, folder)
     errors = [r for r in rows if r["status"] == "error"]
-    assert all(r["grade"] is None and r["referable_prob"] is None for r in errors)
-    assert all(isinstance(r["grade"], int) for r in rows if r["status"] == "ok")
+    assert all(r["predicted_grade"] is None and r["referable_prob"] is None for r in errors)
+    assert all(isinstance(r["predicted_grade"], int) for r in rows if r["status"] == "ok")
     csv_out = tmp_path / "p.csv"
     predict_folder(folder, grader, out=csv_out, batch_size=5)
     for j, c in zip(rows, read_rows(csv_out)):
-        assert str(j["grade"] if j["grade"] is not None else "") == c["grade"]
+        assert set(j) == set(c)
+        assert str(j["predicted_grade"] if j["predicted_grade"] is not None else "") == c["predicted_grade"]
         assert str(j["prob_3"] if j["prob_3"] is not None else "") == c["prob_3"]
 
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:9]) + lines[9][:20])
     summary = predict_folder(folder, grader, out=out, json_lines=True, resume=True)
-    assert (summary.skipped, summary.done_now) == (9, 6)
+    assert (summary.kept, summary.done_now, summary.retried) == (7, 8, 2)
     resumed = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["path"] for r in resumed] == [r["path"] for r in rows]
-    with pytest.raises(RetinoError, match="holds JSON lines; resume it with --json-lines"):
+    assert sorted(r["path"] for r in resumed) == sorted(r["path"] for r in rows)
+    with pytest.raises(RetinoError, match="holds JSON lines; resume it with --json"):
         predict_folder(folder, grader, out=out, resume=True)
+
+
+def test_predict_rows_to_a_stream(tmp_path, grader, photo_folder):
+    folder, expected = photo_folder
+    stream = io.StringIO()
+    summary = predict_folder(folder, grader, out=stream, json_lines=True)
+    rows = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(rows) == 15 and summary.out == "-" and summary.graded == 11
+    check_rows(rows, expected, grader.info.preprocess, folder)
+    with pytest.raises(RetinoError, match="not stdout; name the file with --out"):
+        predict_folder(folder, grader, out=io.StringIO(), resume=True)
+    assert not list(tmp_path.iterdir())  # nothing written beside
 
 
 def test_predict_without_torch(tmp_path, model_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from retinocli.checkpoint import load_checkpoint, save_checkpoint
+from retinocli.checkpoint import MODEL_KEYS, RESUME_KEYS, load_checkpoint, save_checkpoint
 from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
@@ -54,11 +55,31 @@ def test_training_beats_the_majority_baseline(trained_run):
         sides.setdefault(r["image"].split("_")[0], set()).add(r["split"])
     assert all(len(s) == 1 for s in sides.values())
     ckpt = load_checkpoint(run / "best.pt")
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "class_names", "preprocess", "metrics"):
-        assert key in ckpt
+    assert tuple(ckpt) == MODEL_KEYS  # what evaluate and export need, no training state
     assert ckpt["preprocess"]["size"] == 48 and ckpt["class_names"][4] == "Proliferative"
     assert ckpt["metrics"]["qwk"] == pytest.approx(best["qwk"])
-    assert load_checkpoint(run / "last.pt")["epoch"] == 5
+    last = load_checkpoint(run / "last.pt")
+    assert tuple(last) == MODEL_KEYS + RESUME_KEYS and last["epoch"] == 5
+
+
+def test_best_pt_is_the_model_only_and_checkpoints_follow_the_umask(trained_run):
+    best, last = (trained_run / "best.pt").stat(), (trained_run / "last.pt").stat()
+    # AdamW keeps two moments per weight: last.pt is about three times best.pt
+    assert best.st_size < 0.45 * last.st_size, (best.st_size, last.st_size)
+    assert "optimizer" not in load_checkpoint(trained_run / "best.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    for st in (best, last):
+        assert stat.S_IMODE(st.st_mode) == 0o666 & ~umask  # like config.json, not mkstemp's 0600
+    assert stat.S_IMODE((trained_run / "config.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_resuming_from_best_pt_is_refused(trained_run):
+    with pytest.raises(RetinoError) as err:
+        train(resume=trained_run / "best.pt")
+    text = str(err.value)
+    assert "cannot resume from it, it lacks optimizer" in text and "\n" not in text
+    assert text.endswith(f"resume from {trained_run / 'last.pt'}")
 
 
 def test_resume_gives_the_same_weights(synth_data, tmp_path):
@@ -134,6 +155,12 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     good = save_checkpoint({"model": {"w": torch.ones(2)}, "config": {"arch": "resnet18"}}, tmp_path / "ok.pt")
     assert torch.equal(load_checkpoint(good)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    umask = os.umask(0o027)
+    try:
+        save_checkpoint({"model": {}, "config": {}}, tmp_path / "masked.pt")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "masked.pt").stat().st_mode) == 0o640
 
 
 @pytest.mark.parametrize("args, message", [
