@@ -248,8 +248,11 @@ def render_evaluation(report: dict, console: Console) -> None:
     """Confusion table, per-grade scores and the summary metrics of ``retino evaluate``."""
     m, names = report["metrics"], report["grade_names"]
     what = f"{report.get('arch') or '?'} · {report.get('weights') or 'scratch'} · {report.get('mode') or '?'}"
+    # the model's path on a line of its own: inside a table title rich would fold it at the width
+    console.print(f"Model: {report['model']}", markup=False, highlight=False, soft_wrap=True)
     console.print(confusion_table(m["confusion_matrix"], names,
-                                  f"{report['model']} on {report['split']} ({m['n']:,} images{', TTA' if report['tta'] else ''}) — {what}"))
+                                  f"{report['split']} split, {m['n']:,} images{', TTA' if report['tta'] else ''}"
+                                  f" — {what}"))
     per = Table(title="per grade", title_justify="left")
     for col in ("grade", "precision", "recall", "F1", "support"):
         per.add_column(col, justify="right" if col != "grade" else "left")
