@@ -124,7 +124,7 @@ def _print_differences(differences: dict[str, dict]) -> None:
     if differences:
         console.print("What differs between the runs:")
     for name, settings in differences.items():
-        console.print(f"  {escape(name)}: {escape(describe_settings(settings))}", highlight=False)
+        console.print(f"  {escape(name)}: {escape(describe_settings(settings))}", highlight=False, soft_wrap=True)
 
 
 # Options every command that reads a dataset shares.

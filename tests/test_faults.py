@@ -111,8 +111,8 @@ def test_ctrl_c_mid_epoch_exits_130_names_resume_then_resumes(reference, synth_d
     proc = subprocess.Popen(retino("train", "--data", synth_data, *TRAIN_ARGS, "--project", project, "--name", "cut"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
     try:
+        # at once: epoch 1 is saved (history.csv is written last), so any moment from here is in epoch 2
         wait_for(lambda: history_rows(run) >= 1 or proc.poll() is not None)
-        time.sleep(0.2)  # into epoch 2
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

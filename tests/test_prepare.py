@@ -366,7 +366,7 @@ def test_progress_bar_and_summary_give_one_rate(src, tmp_path):
     prepare(data, out=out, size=32, fmt="png", workers=1)
     for f in sorted((out / "images").rglob("*.png"))[:10]:
         f.unlink()
-    console = Console(file=io.StringIO(), width=200)
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)  # the live bar
     with progress_bar(console, "img") as bar:
         result = prepare(data, out=out, size=32, fmt="png", workers=1, progress=bar)
         (task,) = bar.tasks
