@@ -2,14 +2,20 @@
 
 Workers decode and crop only and hand over uint8 batches; :class:`BatchAugment` then flips,
 rotates (and for ``strong`` translates and scales) every image of the batch with a single
-``affine_grid`` / ``grid_sample`` call, jitters brightness, contrast, saturation (and hue)
-with per-image factors, and normalises, on whatever device the model is on.
+``grid_sample`` call, then jitters brightness, contrast, saturation (and hue) with one
+per-image 3x3 colour matrix applied to the whole batch by one ``baddbmm``, on whatever device
+the model is on; :func:`retinocli.train.to_input` normalises after it.
 
 The presets draw from the same ranges as the per-image torchvision presets in
 :func:`retinocli.data.augmentation`. What differs, by design: the colour operations run in a
-fixed order (brightness, contrast, saturation, hue) instead of a random one; hue is turned by
-a rotation of the YIQ chroma plane (a linear map) rather than through HSV; pixels stay float
-between steps (no rounding to uint8).
+fixed order (brightness, contrast, saturation, hue) instead of a random one and are clamped to
+[0, 1] once, after all four, rather than after each; hue is turned by a rotation of the YIQ
+chroma plane (a linear map) rather than through HSV; pixels stay float throughout (no
+rounding to uint8 between steps).
+
+Measured against ``kornia.augmentation`` (the same presets as an ``AugmentationSequential``)
+on one CPU thread, 512 px, batches of 32: light 73 against 17 images/s, strong 79 against 8;
+kornia's colour jitter goes through HSV per operation. So retino keeps its own.
 
 Determinism: the parameters of a batch come from a CPU generator seeded by
 ``(seed, epoch, step, rank)`` (:func:`batch_seed`), never from a global RNG, so they are the
