@@ -6,14 +6,18 @@ Three sections, one table:
   torchvision transforms, one image at a time" (``PIL.Image.open().convert("RGB")``,
   ``transforms.Resize``, ``ToTensor``, ``Normalize`` per image, as the course reports do).
   retino's loader: ``preprocess.load_and_prepare`` (JPEG decoded at reduced size in draft mode,
-  uint8 out; normalisation happens later, batched on the device) on the same files.
+  uint8 out; normalisation happens later, batched on the device) on the same files. Then the
+  whole training input per augmentation preset (none, light, strong), per core, batches of 32:
+  "... per image in the worker (torchvision)" (the old way) against "... batched on the
+  CPU|GPU, transfer included" (workers decode only; ``augment.BatchAugment`` turns the batch
+  on the device); on a GPU also the batched augmentation alone.
 - train: images/s of a full training step (forward, backward, AdamW) on synthetic batches
   already on the device. Baseline: PyTorch in fp32 with the standard (NCHW) memory layout.
   retino: mixed precision (bf16 autocast, fp16 where a GPU has no bf16) with the channels-last
   (NHWC) memory layout, and torch.compile with ``--compile``.
 - pipeline: the same mixed-precision channels-last step fed by retino's real input pipeline
-  (worker processes decoding a prepared cache's JPEGs, augmenting, pinned copies), per
-  augmentation preset. Baseline: the synthetic-tensor row above, so the ratio says how much of
+  (worker processes decoding a prepared cache's JPEGs, pinned copies, augmentation batched on
+  the device), per augmentation preset. Baseline: the synthetic-tensor row above, so the ratio says how much of
   the model's speed the input pipeline delivers.
 - infer: images/s of a forward pass at batch 1, 8 and 64 (and 256 on a GPU). Baseline: PyTorch
   fp32 (eager). retino: PyTorch bf16 mixed precision and fp16 weights, channels-last, on a GPU;
@@ -91,6 +95,22 @@ PROVIDER_WORDS = {"cpu": "CPU", "cuda": "GPU via CUDA", "tensorrt": "GPU via Ten
 
 def train_name(arch: str, variant: str) -> str:
     return f"{arch}, {variant}"
+
+
+AUGMENT_WORDS = {"none": "no augmentation", "light": "light augmentation", "strong": "strong augmentation"}
+
+
+def augment_old_name(augment: str, label: str) -> str:
+    return f"retino loader + {AUGMENT_WORDS[augment]} per image in the worker (torchvision), {label}"
+
+
+def augment_new_name(augment: str, label: str, device_type: str) -> str:
+    where = "GPU" if device_type == "cuda" else "CPU"
+    return f"retino loader + {AUGMENT_WORDS[augment]} batched on the {where}, transfer included, {label}"
+
+
+def augment_alone_name(augment: str) -> str:
+    return f"{AUGMENT_WORDS[augment]} batched on the GPU alone (uint8 batch already there)"
 
 
 def pipeline_name(arch: str, augment: str) -> str:
@@ -235,6 +255,72 @@ def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> 
     return rows
 
 
+def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds: float, batch: int = 32,
+                  augments: tuple[str, ...] = ("none", "light", "strong")) -> list[Row]:
+    """The whole training input path per core, per preset: the old way against the batched one.
+
+    Both decode ``batch`` images one by one (as a loader worker does), stack them, move the
+    batch to ``device`` and normalise it there, as ``retino train`` does. The old way turns
+    each image with the torchvision preset in the worker first; the new one turns the whole
+    batch on the device (:class:`retinocli.augment.BatchAugment`). One CPU thread throughout.
+    On a GPU a third row times the batched augmentation alone.
+    """
+    import torch
+
+    from retinocli.augment import BatchAugment
+    from retinocli.data import augmentation
+    from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from retinocli.train import to_input
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize()) if gpu else (lambda: None)
+    prep = Preprocess(size=size, mode="none")
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    files = [paths[i % len(paths)] for i in range(batch)]
+
+    def decode(transform=None) -> torch.Tensor:
+        out = []
+        for f in files:
+            image = torch.from_numpy(load_and_prepare(f, prep)).permute(2, 0, 1).contiguous()
+            out.append(transform(image) if transform is not None else image)
+        return torch.stack(out)
+
+    rows: list[Row] = []
+    step = {"n": 0}
+    for augment in augments:
+        transform = augmentation(augment)
+        aug = BatchAugment(augment, seed=0)
+
+        def old(transform=transform) -> int:
+            to_input(decode(transform), device, mean, std, False)
+            return batch
+
+        def new(aug=aug) -> int:
+            step["n"] += 1
+            to_input(decode(), device, mean, std, False, aug, step["n"])
+            return batch
+
+        base = augment_old_name(augment, label)
+        rows.append(Row("data", base, "cpu", 1, batch, size, timed(old, min_seconds=min_seconds, sync=sync)))
+        rows.append(Row("data", augment_new_name(augment, label, device.type), str(device), 1, batch, size,
+                        timed(new, min_seconds=min_seconds, sync=sync), baseline=base))
+        if gpu and augment != "none":
+            on_gpu = decode().to(device)
+
+            def alone(aug=aug) -> int:
+                step["n"] += 1
+                to_input(on_gpu, device, mean, std, False, aug, step["n"])
+                return batch
+
+            rows.append(Row("data", augment_alone_name(augment), str(device), 1, batch, size,
+                            timed(alone, min_seconds=min_seconds, sync=sync, warmup=3)))
+    torch.set_num_threads(threads)
+    return rows
+
+
 def _amp_dtype(device):
     import torch
 
@@ -341,6 +427,7 @@ def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, 
     """
     import torch
 
+    from retinocli.augment import BatchAugment
     from retinocli.data import EpochSampler, FundusDataset, make_loader
     from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from retinocli.train import to_input
@@ -350,8 +437,9 @@ def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, 
     files = [str(p) for p in paths] * math.ceil(batch * epoch_batches / len(paths))
     files = files[: batch * epoch_batches]
     prep = Preprocess(size=size, mode="none", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    dataset = FundusDataset(files, [0] * len(files), prep, augment)
+    dataset = FundusDataset(files, [0] * len(files), prep, "none")  # workers decode; the device augments
     sampler = EpochSampler(len(dataset), seed=0)
+    aug = BatchAugment(augment, seed=0)
     loader = make_loader(dataset, sampler, batch_size=batch, workers=workers, pin_memory=gpu, drop_last=True)
     step = training_step(arch, device, amp=True, channels_last=True, compiled=False)
     mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
@@ -359,9 +447,10 @@ def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, 
 
     def epoch(e: int) -> int:
         sampler.set_epoch(e)
+        aug.set_epoch(e)
         n = 0
-        for images, targets in loader:
-            step(to_input(images, device, mean, std, True), targets.to(device, non_blocking=True))
+        for k, (images, targets) in enumerate(loader, 1):
+            step(to_input(images, device, mean, std, True, aug, k), targets.to(device, non_blocking=True))
             n += len(targets)
         sync()
         return n
@@ -559,6 +648,9 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
         if "data" in wanted:
             say("data pipeline")
             rows += bench_data(jpegs, plan.data_size, f"{plan.data_size} px JPEG", min_s)
+            say("training input per augmentation preset")
+            rows += bench_augment(jpegs, plan.data_size, f"{plan.data_size} px JPEG", device, min_s,
+                                  batch=4 if plan.quick else 32)
             photos = plan.full_size_photos
             if photos is not None and photos.is_dir():
                 from retinocli.predict import find_images

@@ -231,6 +231,9 @@ def train(
     preprocess: Annotated[str, typer.Option(help="none, crop (to the fundus circle), graham "
                                                  "(crop + Ben Graham's local-colour subtraction).")] = "none",
     augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
+    augment_on: Annotated[str, typer.Option(help="device (batched on the training device, one step per batch) "
+                                                 "or workers (per image in the loader processes, the old "
+                                                 "way).")] = "device",
     val_fraction: Annotated[float, typer.Option(help="Share of training patients carved into validation "
                                                      "when the dataset has no val split.")] = 0.1,
     class_weights: Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")] = "none",
@@ -276,8 +279,9 @@ def train(
             cfg = TrainConfig(
                 data=str(data), layout=layout, images=str(images) if images else None, arch=arch,
                 pretrained=pretrained, weights=weights, mode=mode, head_epochs=head_epochs, stem=stem,
-                img_size=img_size, preprocess=preprocess, augment=augment, val_fraction=val_fraction,
-                class_weights=class_weights, sampler=sampler, optimizer=optimizer, lr=lr, momentum=momentum,
+                img_size=img_size, preprocess=preprocess, augment=augment, augment_on=augment_on,
+                val_fraction=val_fraction, class_weights=class_weights, sampler=sampler, optimizer=optimizer,
+                lr=lr, momentum=momentum,
                 weight_decay=weight_decay, scheduler=scheduler, warmup_epochs=warmup_epochs, epochs=epochs,
                 batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
                 device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,

@@ -13,6 +13,7 @@ CHOICES = {
     "mode": ("finetune", "linear", "two-stage"),
     "preprocess": ("none", "crop", "graham"),
     "augment": ("none", "light", "strong"),
+    "augment_on": ("device", "workers"),
     "class_weights": ("none", "balanced", "sqrt"),
     "sampler": ("uniform", "balanced"),
     "optimizer": ("sgd", "adamw"),
@@ -38,6 +39,7 @@ class TrainConfig:
     img_size: int = 512
     preprocess: str = "none"
     augment: str = "light"
+    augment_on: str = "device"  # device: batched on the training device; workers: per image (the old way)
     val_fraction: float = 0.1
     class_weights: str = "none"
     sampler: str = "uniform"
@@ -111,4 +113,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if "augment" in d and "augment_on" not in d:  # a run from before batched augmentation resumes as it began
+            d = {**d, "augment_on": "workers"}
         return cls(**{k: v for k, v in d.items() if k in known})

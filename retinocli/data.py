@@ -83,7 +83,12 @@ def training_split(records: pd.DataFrame, val_fraction: float, seed: int) -> tup
 
 
 def augmentation(preset: str):
-    """Augmentation presets on uint8 CHW tensors. A fundus has no up: rotate the full circle."""
+    """Per-image augmentation presets on uint8 CHW tensors, run in the loader workers.
+
+    A fundus has no up: rotate the full circle. ``retino train`` uses these only with
+    ``--augment-on workers``; by default :class:`retinocli.augment.BatchAugment` draws from the
+    same ranges and turns whole batches on the device.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 

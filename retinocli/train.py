@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from retinocli import GRADE_NAMES, NUM_GRADES, __version__, metrics
+from retinocli.augment import BatchAugment
 from retinocli.checkpoint import load_checkpoint, save_checkpoint
 from retinocli.config import TrainConfig
 from retinocli.data import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
@@ -231,15 +232,25 @@ def out_of_memory_error(cfg: TrainConfig, done: int, run_dir: Path | None) -> Re
 
 
 def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
-             channels_last: bool) -> torch.Tensor:
-    """uint8 NCHW on the host -> normalised float on the device: (x / 255 - mean) / std."""
-    x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+             channels_last: bool, augment: BatchAugment | None = None, step: int = 0) -> torch.Tensor:
+    """uint8 NCHW on the host -> (augmented) normalised float on the device: (x / 255 - mean) / std.
+
+    ``augment`` turns the batch on the device; its parameters come from its seed, its epoch
+    and ``step``.
+    """
+    x = images.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, step)
+    x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, device, autocast,
-                    mean, std, channels_last, progress=None) -> dict:
-    """One pass over the training loader; returns loss, accuracy, images and seconds."""
+                    mean, std, channels_last, progress=None, augment: BatchAugment | None = None) -> dict:
+    """One pass over the training loader; returns loss, accuracy, images and seconds.
+
+    ``augment`` (already set to this epoch) augments each batch on the device.
+    """
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
@@ -248,7 +259,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, 1):
         processed += len(targets)
-        x = to_input(images, device, mean, std, channels_last)
+        x = to_input(images, device, mean, std, channels_last, augment, step)
         y = targets.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
@@ -383,7 +394,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     train_rec = records[records["split"] == "train"]
     val_rec = records[records["split"] == "val"]
     train_grades = train_rec["grade"].astype(int).tolist()
-    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, cfg.augment)
+    on_device = cfg.augment_on == "device"
+    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
+    batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=rank) if on_device else None
     val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
     workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
     weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
@@ -503,6 +516,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 freeze_backbone(core, frozen)
                 set_train_mode(core, backbone_frozen=frozen)
                 train_sampler.set_epoch(epoch)
+                if batch_augment is not None:
+                    batch_augment.set_epoch(epoch)
                 task = None
                 if bar is not None:
                     task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", line_at_stop=True,
@@ -520,7 +535,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 try:
                     tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
                                          device=device, autocast=autocast, mean=mean, std=std,
-                                         channels_last=channels_last, progress=show)
+                                         channels_last=channels_last, progress=show, augment=batch_augment)
                     y, probs = predict_loader(model, val_loader, device=device, autocast=autocast, mean=mean,
                                               std=std, channels_last=channels_last)
                 except (RuntimeError, MemoryError) as exc:

@@ -103,6 +103,24 @@ def test_resume_gives_the_same_weights(synth_data, tmp_path):
         train(resume=cut.run_dir)
 
 
+def test_device_augmentation_does_not_depend_on_the_number_of_workers(synth_data, tmp_path):
+    settings = dict(deterministic=True, augment="strong", epochs=1, seed=3)
+    runs = [train(cfg(synth_data, tmp_path, name=f"w{w}", workers=w, **settings)) for w in (0, 2)]
+    a, b = (load_checkpoint(r.run_dir / "last.pt")["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((runs[0].run_dir / "config.json").read_text())["augment_on"] == "device"
+    # the old per-image way still trains, and what it sees differs from the batched way
+    old = train(cfg(synth_data, tmp_path, name="old", augment_on="workers", **settings))
+    c = load_checkpoint(old.run_dir / "last.pt")["model"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_config_from_before_batched_augmentation_keeps_the_per_image_way():
+    old = {k: v for k, v in TrainConfig(augment="strong").to_dict().items() if k != "augment_on"}
+    assert TrainConfig.from_dict(old).augment_on == "workers"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).augment_on == "device"
+
+
 def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home):
     put_imagenet_weights("resnet18", "IMAGENET1K_V1", seed=11)
     from retinocli.models import create_model
