@@ -39,7 +39,9 @@ class TrainConfig:
     img_size: int = 512
     preprocess: str = "none"
     augment: str = "light"
-    augment_on: str = "device"  # device: batched on the training device; workers: per image (the old way)
+    # workers: per image in the loader (default until batched augmentation's quality is shown equal, #16);
+    # device: batched on the training device, one warp and one colour map per batch
+    augment_on: str = "workers"
     val_fraction: float = 0.1
     class_weights: str = "none"
     sampler: str = "uniform"
