@@ -91,13 +91,11 @@ TRAIN_VARIANTS = {  # what a training row says: (amp, channels_last, compiled)
 }
 TRAIN_BASELINE, TRAIN_FAST, TRAIN_COMPILED = TRAIN_VARIANTS
 PROVIDER_WORDS = {"cpu": "CPU", "cuda": "GPU via CUDA", "tensorrt": "GPU via TensorRT"}
+AUGMENT_WORDS = {"none": "no augmentation", "light": "light augmentation", "strong": "strong augmentation"}
 
 
 def train_name(arch: str, variant: str) -> str:
     return f"{arch}, {variant}"
-
-
-AUGMENT_WORDS = {"none": "no augmentation", "light": "light augmentation", "strong": "strong augmentation"}
 
 
 def augment_old_name(augment: str, label: str) -> str:
@@ -114,8 +112,7 @@ def augment_alone_name(augment: str) -> str:
 
 
 def pipeline_name(arch: str, augment: str) -> str:
-    how = "no augmentation" if augment == "none" else f"{augment} augmentation"
-    return f"{arch}, {TRAIN_FAST}, fed by the real input pipeline ({how})"
+    return f"{arch}, {TRAIN_FAST}, fed by the real input pipeline ({AUGMENT_WORDS[augment]})"
 
 
 def torch_infer_name(arch: str, what: str, device_type: str) -> str:
@@ -321,18 +318,13 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
     return rows
 
 
-def _amp_dtype(device):
-    import torch
-
-    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-
-
 def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled: bool) -> Callable[[Any, Any], None]:
     """A fresh ``arch`` and a function doing one forward, backward and AdamW step on (x, y)."""
     import torch
     from torch import nn
 
     from retinocli.models import build_model
+    from retinocli.train import amp_dtype_for
 
     torch.manual_seed(0)
     model = build_model(arch).to(device)
@@ -341,7 +333,7 @@ def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
-    amp_dtype = _amp_dtype(device)
+    amp_dtype = amp_dtype_for(device)
     model.train()
 
     def step(x, y) -> None:

@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -93,9 +93,10 @@ def _invocation(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print retino's version and exit.")] = False,
 ) -> None:
-    """Diabetic-retinopathy grading from colour fundus photographs: stats -> train -> evaluate -> report ->
-    export -> predict."""
-    # consoles per invocation: COLUMNS and whether output is a terminal are read now, not at import
+    """Runs before every command (the app's help is Typer's ``help=``, not this docstring).
+
+    Consoles per invocation: COLUMNS and whether output is a terminal are read now, not at import.
+    """
     global console, err_console
     console, err_console = make_console(), make_console(stderr=True)
 
@@ -598,14 +599,11 @@ def bench(
                     min_seconds=min_seconds, sections=sections, cache=data, workers=workers,
                     full_size_photos=photos or (default_photos if default_photos.is_dir() else None))
         shown = err_console if json_out else console
-        if shown.is_terminal:
-            with shown.status("benchmarking") as status:
-                result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]),
-                                   progress=lambda msg: status.update(f"benchmarking: {msg}"))
-        else:  # a log gets one line per stage as it starts
-            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]),
-                               progress=lambda msg: shown.print(f"benchmarking: {msg}", markup=False,
-                                                                highlight=False, soft_wrap=True))
+        # a spinner on a terminal; a log gets one line per stage as it starts
+        with shown.status("benchmarking") if shown.is_terminal else nullcontext() as status:
+            say = ((lambda msg: status.update(f"benchmarking: {msg}")) if status is not None else
+                   (lambda msg: shown.print(f"benchmarking: {msg}", markup=False, highlight=False, soft_wrap=True)))
+            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]), progress=say)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

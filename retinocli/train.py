@@ -112,6 +112,11 @@ def with_index(device: torch.device, local_rank: int = 0) -> torch.device:
     return device
 
 
+def amp_dtype_for(device: torch.device) -> torch.dtype:
+    """Mixed precision's dtype: bf16 (no grad scaler needed), fp16 on GPUs without bf16."""
+    return torch.bfloat16 if (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
+
+
 def new_run_dir(project: str | Path, name: str, *, force: bool = False) -> Path:
     """``runs/train``, then ``runs/train2``, ``runs/train3``: a run never overwrites another.
 
@@ -353,6 +358,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         console: a rich console for progress and messages (None: silent).
         on_epoch_end: called with (epoch, history row) after each epoch's checkpoint.
     """
+    from rich.markup import escape
+
     from retinocli.display import progress_bar
     from retinocli.layouts import load_dataset
 
@@ -378,7 +385,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         torch.cuda.set_device(device)
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    amp_dtype = torch.bfloat16 if (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
+    amp_dtype = amp_dtype_for(device)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -491,7 +498,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     if dropped:
         say(f"Each epoch trains on {len(train_sampler) - dropped} of {len(train_sampler)} images: full batches "
             f"of {cfg.batch_size} only; the {dropped} left over are a different {dropped} each epoch")
-    say(f"Run folder: {run_dir}")
+    say(f"Run folder: {escape(str(run_dir))}")
 
     def checkpoint(epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
         """best.pt's model (MODEL_KEYS); with ``resumable`` also last.pt's training state."""
