@@ -10,6 +10,7 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LONG_PATH = 160  # a clone deep in a cluster home folder: no test may depend on short paths
+_OWN_BASETEMP = pytest.StashKey[Path]()
 
 
 def pytest_configure(config) -> None:
@@ -25,6 +26,20 @@ def pytest_configure(config) -> None:
     if config.option.basetemp is None:
         stem = Path(tempfile.gettempdir()) / f"retino-tests-{os.getpid()}-"
         config.option.basetemp = str(stem) + "deep" * max(1, (LONG_PATH - len(str(stem))) // 4)
+        config.stash[_OWN_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove the long basetemp this conftest chose once every test passed.
+
+    pytest removes only a basetemp it chose itself; a named one would otherwise pile up, one
+    per run (about 1 GB of session-wide runs each), until the disk is full.
+    """
+    import shutil
+
+    own = session.config.stash.get(_OWN_BASETEMP, None)
+    if own is not None and exitstatus == 0:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def write_image(path: Path, *, size: int = 32, seed: int = 0, fmt: str | None = None) -> Path:
