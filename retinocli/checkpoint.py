@@ -5,7 +5,7 @@ A run keeps two, with different jobs:
     best.pt  the model to use (``MODEL_KEYS``): ``model`` (state dict), ``epoch`` (completed
              epochs), ``config`` (TrainConfig as a dict), ``class_names``, ``preprocess``
              (Preprocess as a dict), ``small_stem``, ``metrics`` (validation metrics of that
-             epoch), ``versions``. What evaluate and export read; a third of last.pt's bytes
+             epoch), ``versions``, ``schema`` (SCHEMA_VERSION; files without it are version 1). What evaluate and export read; a third of last.pt's bytes
              with AdamW, which keeps two moments per weight.
     last.pt  the training state to resume (``MODEL_KEYS`` + ``RESUME_KEYS``): also
              ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (generator states for an exact
@@ -17,17 +17,36 @@ code in a file ever runs.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from retinocli.errors import RetinoError
+from retinocli.errors import RetinoError, atomic_write, first_line
+from retinocli.rundir import RunDir
 
-MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions")
+#: The version of the layout below; a change to the keys or their meaning bumps it.
+SCHEMA_VERSION = 2
+MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions",
+              "schema")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history")
+#: What a resume cannot do without (the best-so-far and history may be absent).
+RESUME_NEEDS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
+
+
+def model_state(*, model: dict, epoch: int, config: dict, class_names: list[str], preprocess: dict,
+                small_stem: bool, metrics: dict, versions: dict) -> dict[str, Any]:
+    """best.pt's dict, keys in MODEL_KEYS order."""
+    return {"model": model, "epoch": epoch, "config": config, "class_names": class_names,
+            "preprocess": preprocess, "small_stem": small_stem, "metrics": metrics, "versions": versions,
+            "schema": SCHEMA_VERSION}
+
+
+def training_state(model_part: dict[str, Any], *, optimizer: dict, scheduler: dict, scaler: dict, rng: dict,
+                   best_metrics: dict | None, best_epoch: int | None, history: list[dict]) -> dict[str, Any]:
+    """last.pt's dict: :func:`model_state` plus what resuming reads, keys in RESUME_KEYS order."""
+    return {**model_part, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "rng": rng,
+            "best_metrics": best_metrics, "best_epoch": best_epoch, "history": history}
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
@@ -37,25 +56,7 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     replace ``path`` with one atomic rename. The file gets the permissions of any other
     output (0666 less the umask), not mkstemp's 0600.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write=lambda fh: torch.save(obj, fh), binary=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -70,34 +71,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RetinoError(f"{path}: refused or unreadable checkpoint ({first[:200]})") from None
+        raise RetinoError(f"{path}: refused or unreadable checkpoint ({first_line(exc, 200)})") from None
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         raise RetinoError(f"{path}: not a retino checkpoint (no model and config inside)")
     return obj
 
 
-def newest_run_checkpoint(root: str | Path = "runs") -> Path:
-    """The ``best.pt`` most recently written anywhere under ``root`` (the newest run)."""
-    from retinocli.runs import newest
+def load_resume_state(path: Path) -> dict:
+    """The checkpoint ``--resume`` continues from, checked for what resuming reads.
 
-    return newest(root, "best.pt", f"no trained run under {root}/ (no best.pt); run `retino train` first "
-                                   f"or name a run folder or checkpoint")
-
-
-def resolve_checkpoint(target: str | Path | None, root: str | Path = "runs") -> Path:
-    """A run folder -> its best.pt; a file -> itself; None -> the newest run's best.pt."""
-    if target is None:
-        return newest_run_checkpoint(root)
-    path = Path(target)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise RetinoError(f"{path} holds no best.pt or last.pt: not a training run folder")
-    if not path.exists():
-        raise RetinoError(f"no such run or checkpoint: {path}")
-    return path
+    Raises:
+        RetinoError: unreadable, or not a last.pt that ``retino train`` wrote (best.pt holds
+            the model only).
+    """
+    state = load_checkpoint(path)
+    lacks = [k for k in RESUME_NEEDS if k not in state]
+    if lacks:
+        where = (f"; best.pt keeps only the model (for evaluate and export): resume from "
+                 f"{RunDir.of(path).last}" if not RunDir.is_last(path)
+                 else " (retino train writes them into last.pt)")
+        raise RetinoError(f"{path}: cannot resume from it, it lacks {', '.join(lacks)}{where}")
+    epoch = state["epoch"]
+    if not isinstance(state["config"], dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise RetinoError(f"{path}: cannot resume from it, its config or epoch is not what retino train writes")
+    return state
 
 
 def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -125,6 +122,6 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
     except RetinoError:
         raise
     except Exception as exc:  # a state dict of another arch or head size
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RetinoError(f"{path}: weights do not fit {arch} with {len(names) or 5} grades ({first[:160]})") from None
+        raise RetinoError(f"{path}: weights do not fit {arch} with {len(names) or 5} grades "
+                          f"({first_line(exc, 160)})") from None
     return model.eval(), state

@@ -373,10 +373,9 @@ def report(
 
     with user_errors():
         if not runs:
-            from retinocli.runs import newest
+            from retinocli.rundir import RunDir
 
-            runs = [newest("runs", "history.csv", "no training run under runs/; run `retino train` first "
-                                                  "or name run folders").parent]
+            runs = [RunDir.newest_with_history("runs").path]
             console.print(f"Reporting the newest run: {runs[0]}")
         target = out if out is not None else Path("reports") / runs[0].name
         result = write_report(list(runs), target, svg=svg, force=force, title=title)
@@ -441,7 +440,8 @@ def predict(
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
     from retinocli import display
     from retinocli.predict import check_output, predict_folder
-    from retinocli.runtime import OnnxGrader, newest_model
+    from retinocli.rundir import newest_model
+    from retinocli.runtime import OnnxGrader
 
     to_stdout = str(out) == "-" if out is not None else json_out
     shown = err_console if to_stdout else console  # stdout carries the rows

@@ -16,6 +16,7 @@ from typing import Any
 
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
+from retinocli.rundir import RunDir
 
 PRETRAINED_CHOICES = ("yes", "no", "both")
 
@@ -80,7 +81,7 @@ def _cell_config(base: TrainConfig, cell: Cell, parent: Path) -> TrainConfig:
 def _trained_epochs(run: Path) -> int:
     from retinocli.checkpoint import load_checkpoint
 
-    last = run / "last.pt"
+    last = RunDir(run).last
     return int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
 
 
@@ -99,7 +100,7 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
     cells = grid(archs, pretrained)
     parent = Path(base.project) / base.name
     plan = _plan(base, cells)
-    plan_file = parent / "compare.json"
+    plan_file = RunDir(parent).compare_plan
     if plan_file.is_file() and not force:
         old = json.loads(plan_file.read_text())
         if old != json.loads(json.dumps(plan)):
@@ -138,10 +139,10 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
                 raise KeyboardInterrupt
             done.append(f"{cell.name}: {'resumed at epoch ' + str(epochs) if epochs else 'trained'}, {result.stopped}")
         runs.append(run)
-        metrics_file = run / "metrics.json"
-        best = run / "best.pt"
+        metrics_file = RunDir(run).metrics()
+        best = RunDir(run).best
         if not best.is_file():
-            notes.append(f"{cell.name} has no best.pt (no finished epoch): not evaluated")
+            notes.append(f"{cell.name} has no {best.name} (no finished epoch): not evaluated")
             continue
         if force or not metrics_file.is_file() or metrics_file.stat().st_mtime < best.stat().st_mtime:
             evaluated = evaluate(run, split=split, tta=tta, force=True)

@@ -14,7 +14,6 @@ torch is imported only when a checkpoint is evaluated; an ONNX model evaluates w
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from retinocli import GRADE_NAMES, metrics
-from retinocli.errors import RetinoError
+from retinocli.errors import RetinoError, atomic_write
 from retinocli.preprocess import Preprocess, to_batch
 
 SPLITS = ("train", "val", "test")
@@ -88,10 +87,11 @@ def _run_dir_of(path: Path, info) -> Path | None:
 def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
     import torch
 
-    from retinocli.checkpoint import load_trained, resolve_checkpoint
+    from retinocli.checkpoint import load_trained
+    from retinocli.rundir import RunDir
     from retinocli.train import pick_device
 
-    ckpt = resolve_checkpoint(target)
+    ckpt = RunDir.resolve_checkpoint(target)
     model, state = load_trained(ckpt)
     device = pick_device(device_spec)
     model.to(device)
@@ -184,18 +184,16 @@ def split_records(backend: Backend, *, data: str | Path | None, split: str, layo
     The run's own split.csv is the only place its carved-out validation split exists, and it
     records the test split the run was trained beside.
     """
-    import pandas as pd
-
     from retinocli.layouts import load_dataset
+    from retinocli.rundir import RunDir
 
     if split not in SPLITS:
         raise RetinoError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if data is not None:
         records = load_dataset(data, layout=layout, images=images).records
         source = str(data)
-    elif backend.run_dir is not None and (backend.run_dir / "split.csv").is_file():
-        records = pd.read_csv(backend.run_dir / "split.csv", dtype={"image": str, "path": str})
-        source = str(backend.run_dir / "split.csv")
+    elif backend.run_dir is not None and (records := RunDir(backend.run_dir).read_split()) is not None:
+        source = str(RunDir(backend.run_dir).split)
     else:
         raise RetinoError(f"{backend.path}: its training run is not here to say which images are "
                           f"{split}; pass --data DATA")
@@ -249,7 +247,9 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         raise RetinoError(f"--threads must be >= 1, got {threads}")
     backend = open_model(target, device=device, provider=provider, threads=threads)
     out_dir = Path(out) if out is not None else default_out_dir(backend)
-    metrics_path, predictions_path = out_dir / "metrics.json", out_dir / "predictions.csv"
+    from retinocli.rundir import RunDir
+
+    metrics_path, predictions_path = RunDir(out_dir).metrics(), RunDir(out_dir).predictions()
     for p in (metrics_path, predictions_path):
         if p.exists() and not force:
             raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
@@ -279,9 +279,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(predictions_path, names, scored, grades, backend.grade_names)
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, metrics_path)
+    atomic_write(metrics_path, json.dumps(report, indent=2))
     notes = list(backend.notes)
     if missing:
         notes.append(f"{missing} listed {split} image(s) are missing on disk and are left out of the metrics")
@@ -301,11 +299,11 @@ def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.
     """predictions.csv (:mod:`retinocli.schema`, labelled), written whole and then renamed."""
     from retinocli import schema
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    def write(fh) -> None:
         writer = schema.RowWriter(fh, schema.columns(len(grade_names), labelled=True))
         writer.header()
         writer.write([schema.make_row(name, p, None if p in scored.errors else row, grade_names, labelled=True,
                                       true_grade=int(g), error=scored.errors.get(p, ""))
                       for name, p, g, row in zip(names, scored.paths, grades, scored.probs)])
-    os.replace(tmp, path)
+
+    atomic_write(path, write=write)

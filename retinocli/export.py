@@ -52,15 +52,12 @@ class ExportResult:
         return d
 
 
-def default_output(ckpt: Path, precision: str) -> Path:
-    return ckpt.parent / ("model.onnx" if precision == "fp32" else f"model-{precision}.onnx")
-
-
 def export(target: str | Path | None = None, *, out: str | Path | None = None, fp16: bool = False,
            int8: bool = False, opset: int = OPSET, force: bool = False,
            calibration_images: int = CALIBRATION_IMAGES, console=None) -> ExportResult:
     """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc."""
-    from retinocli.checkpoint import load_trained, resolve_checkpoint
+    from retinocli.checkpoint import load_trained
+    from retinocli.rundir import RunDir
 
     if fp16 and int8:
         raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
@@ -76,8 +73,8 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     say = console.print if console is not None else (lambda *a, **k: None)
     start = time.perf_counter()
-    ckpt = resolve_checkpoint(target)
-    out = Path(out) if out is not None else default_output(ckpt, precision)
+    ckpt = RunDir.resolve_checkpoint(target)
+    out = Path(out) if out is not None else RunDir.of(ckpt).model(precision)
     if out.suffix.lower() != ".onnx":
         raise RetinoError(f"--out must end in .onnx, got {out}")
     if out.exists() and not force:
@@ -87,8 +84,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     say(f"Exporting {ckpt} (epoch {state.get('epoch')}, {state['config'].get('arch')}) -> {out} [{precision}]")
 
     wrapped = _with_probs(model).eval()
-    split_csv = ckpt.parent / "split.csv"
-    rows = _read_split(split_csv)
+    rows = RunDir.of(ckpt).read_split()
     sample = _sample_images(rows, prep, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
@@ -203,13 +199,6 @@ def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
     })
     proto.producer_name, proto.producer_version = "retino", __version__
     proto.doc_string = f"retino diabetic-retinopathy grader ({cfg.get('arch')}, {precision})"
-
-
-def _read_split(path: Path):
-    """The run's split.csv (image, path, grade, split, ...), or None when the run has none."""
-    import pandas as pd
-
-    return pd.read_csv(path, dtype={"path": str}) if path.is_file() else None
 
 
 def _readable(paths, prep: Preprocess, n: int) -> list[np.ndarray]:

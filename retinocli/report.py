@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.errors import RetinoError
+from retinocli.rundir import RunDir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,8 +43,6 @@ TRAIN_COLOR, VAL_COLOR, BASELINE_COLOR = "#E69F00", "#0072B2", "#555555"
 SPLIT_COLORS = {"train": "#0072B2", "val": "#E69F00", "test": "#009E73"}
 BASELINE_STYLE = "-."  # dash-dot: a majority-grade bar, never a training curve
 MISSING = "–"  # what a table shows for NaN or a value the run did not record
-HISTORY_COLUMNS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                   "val_qwk", "val_balanced_accuracy", "images_per_second")
 METRIC_NAMES = {"qwk": "val QWK", "accuracy": "val accuracy", "loss": "val loss"}
 
 
@@ -124,7 +123,7 @@ class RunSummary:
         if isinstance(roc, dict) and roc.get("fpr") and roc.get("tpr"):
             return list(roc["fpr"]), list(roc["tpr"])
         names = self.metrics.get("grade_names")
-        return _roc_from_predictions(self.dir / "predictions.csv", len(names) if names else NUM_GRADES)
+        return _roc_from_predictions(RunDir(self.dir).predictions(), len(names) if names else NUM_GRADES)
 
 
 def _roc_from_predictions(path: Path, num_grades: int) -> tuple[list[float], list[float]] | None:
@@ -154,28 +153,6 @@ def _roc_from_predictions(path: Path, num_grades: int) -> tuple[list[float], lis
         return None
     fpr, tpr, _ = roc_curve((grade[keep] >= REFERABLE_GRADE).astype(int), prob[keep])
     return fpr.tolist(), tpr.tolist()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RetinoError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
-    except json.JSONDecodeError as exc:
-        raise RetinoError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise RetinoError(f"{path}: expected a JSON object")
-    return data
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    import pandas as pd
-
-    try:
-        return pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise RetinoError(f"{path}: cannot read it as CSV ({first})") from None
 
 
 def weights_label(config: dict) -> str:
@@ -244,38 +221,26 @@ def load_run(path: str | Path) -> RunSummary:
     """
     import pandas as pd
 
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
+    rundir = RunDir.of(path)
+    path = rundir.path
     if not path.is_dir():
         raise RetinoError(f"{path}: no such run folder")
-    for needed in ("config.json", "history.csv"):
-        if not (path / needed).is_file():
-            raise RetinoError(f"{path} is not a run folder: it has no {needed}")
-    config = _read_json(path / "config.json")
-    history = _read_csv(path / "history.csv")
+    if (lacking := rundir.missing()) is not None:
+        raise RetinoError(f"{path} is not a run folder: it has no {lacking}")
+    config = rundir.read_config()
+    history = rundir.read_history()
     if history.empty:
-        raise RetinoError(f"{path}/history.csv has no finished epoch")
-    # Older runs may lack a column; a missing one reads as NaN, never as an error.
-    history = history.reindex(columns=[*HISTORY_COLUMNS, *(c for c in history.columns if c not in HISTORY_COLUMNS)])
-    for column in HISTORY_COLUMNS:
-        history[column] = pd.to_numeric(history[column], errors="coerce")
-    if history["epoch"].isna().any():
-        history["epoch"] = range(1, len(history) + 1)
-    history["epoch"] = history["epoch"].astype(int)
+        raise RetinoError(f"{rundir.history} has no finished epoch")
 
-    split = None
-    if (path / "split.csv").is_file():
-        split = _read_csv(path / "split.csv")
+    split = rundir.read_split()
+    if split is not None:
         if not {"grade", "split"} <= set(split.columns):
-            raise RetinoError(f"{path}/split.csv needs the columns grade and split")
+            raise RetinoError(f"{rundir.split} needs the columns grade and split")
         split["grade"] = pd.to_numeric(split["grade"], errors="coerce")
 
-    metrics = None
-    if (path / "metrics.json").is_file():
-        metrics = _read_json(path / "metrics.json")
-        if not isinstance(metrics.get("metrics"), dict):
-            raise RetinoError(f"{path}/metrics.json has no 'metrics' object; rerun retino evaluate")
+    metrics = rundir.read_metrics()
+    if metrics is not None and not isinstance(metrics.get("metrics"), dict):
+        raise RetinoError(f"{rundir.metrics()} has no 'metrics' object; rerun retino evaluate")
     run = RunSummary(dir=path, config=config, history=history, split=split, metrics=metrics,
                      label=run_label(config))
     run.referable_roc()  # a predictions.csv it needs is checked now, before a figure is written

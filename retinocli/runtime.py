@@ -305,17 +305,6 @@ def read_model_info(path: str | Path) -> ModelInfo:
     return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
-def newest_model(root: Path = Path("runs")) -> Path:
-    """The most recently written ``*.onnx`` file anywhere under ``root``.
-
-    Raises:
-        RetinoError: there is none.
-    """
-    from retinocli.runs import newest
-
-    return newest(root, "*.onnx", f"no exported model under {root}/; run `retino export` first")
-
-
 # --------------------------------------------------------------------------- providers
 
 

@@ -1,13 +1,11 @@
 """The training loop: data, model, optimiser, AMP, channels_last, DDP, checkpoints, history.
 
 Reads top to bottom: :func:`train` sets up and runs epochs of :func:`train_one_epoch` and
-:func:`evaluate`, writing ``runs/<name>/{config.json,split.csv,history.csv,best.pt,last.pt}``.
+:func:`evaluate`, writing the run folder's config, split, history and checkpoints through :class:`RunDir`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import platform
@@ -24,16 +22,15 @@ from torch import nn
 
 from retinocli import GRADE_NAMES, NUM_GRADES, __version__, metrics
 from retinocli.augment import BatchAugment
-from retinocli.checkpoint import load_checkpoint, save_checkpoint
+from retinocli.checkpoint import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.config import TrainConfig
 from retinocli.data import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
 from retinocli.models import create_model, freeze_backbone, set_train_mode, use_small_stem
 from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from retinocli.rundir import RunDir
 
-HISTORY_FIELDS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                  "val_qwk", "val_balanced_accuracy", "images_per_second")
 LOG_EVERY = 10  # steps between progress updates: the only host-device syncs in an epoch
 
 
@@ -56,30 +53,6 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------- set-up
-
-
-#: What resuming reads from last.pt (best_metrics, best_epoch and history may be absent).
-RESUME_NEEDS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
-
-
-def load_resume_state(path: Path) -> dict:
-    """The checkpoint ``--resume`` continues from, checked for what resuming reads.
-
-    Raises:
-        RetinoError: unreadable, or not a last.pt that ``retino train`` wrote (best.pt holds
-            the model only).
-    """
-    state = load_checkpoint(path)
-    lacks = [k for k in RESUME_NEEDS if k not in state]
-    if lacks:
-        where = (f"; best.pt keeps only the model (for evaluate and export): resume from "
-                 f"{path.with_name('last.pt')}" if path.name != "last.pt"
-                 else " (retino train writes them into last.pt)")
-        raise RetinoError(f"{path}: cannot resume from it, it lacks {', '.join(lacks)}{where}")
-    epoch = state["epoch"]
-    if not isinstance(state["config"], dict) or isinstance(epoch, bool) or not isinstance(epoch, int):
-        raise RetinoError(f"{path}: cannot resume from it, its config or epoch is not what retino train writes")
-    return state
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -115,22 +88,6 @@ def with_index(device: torch.device, local_rank: int = 0) -> torch.device:
 def amp_dtype_for(device: torch.device) -> torch.dtype:
     """Mixed precision's dtype: bf16 (no grad scaler needed), fp16 on GPUs without bf16."""
     return torch.bfloat16 if (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
-
-
-def new_run_dir(project: str | Path, name: str, *, force: bool = False) -> Path:
-    """``runs/train``, then ``runs/train2``, ``runs/train3``: a run never overwrites another.
-
-    With ``force`` the named folder is reused as it is.
-    """
-    base = Path(project) / name
-    if force or not base.exists():
-        base.mkdir(parents=True, exist_ok=True)
-        return base
-    k = 2
-    while (candidate := Path(project) / f"{name}{k}").exists():
-        k += 1
-    candidate.mkdir(parents=True)
-    return candidate
 
 
 def versions(device: torch.device) -> dict:
@@ -227,7 +184,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory_error(cfg: TrainConfig, done: int, run_dir: Path | None) -> RetinoError:
-    kept = (f"; {run_dir}/last.pt keeps epoch {done}, but a resumed run keeps its batch size"
+    kept = (f"; {RunDir(run_dir).last} keeps epoch {done}, but a resumed run keeps its batch size"
             if done and run_dir is not None else "")
     return RetinoError(f"CUDA ran out of memory at --batch-size {cfg.batch_size} ({cfg.arch}, {cfg.img_size}px); "
                        f"try --batch-size {max(1, cfg.batch_size // 2)} or a smaller --img-size{kept}")
@@ -334,16 +291,6 @@ def _better(metric: str, new: dict, best: dict | None) -> bool:
     return a < b if metric == "loss" else a > b
 
 
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    tmp = run_dir / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
-    os.replace(tmp, run_dir / "history.csv")
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -368,7 +315,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     state = None
     if resume is not None:
         resume = Path(resume)
-        ckpt_path = resume / "last.pt" if resume.is_dir() else resume
+        ckpt_path = RunDir.resume_checkpoint(resume)
         state = load_resume_state(ckpt_path)
         cfg = TrainConfig.from_dict(state["config"])
         if state["epoch"] >= cfg.epochs:
@@ -469,27 +416,27 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         best, best_epoch = state.get("best_metrics"), state.get("best_epoch")
         start_epoch = int(state["epoch"])
         run_dir = ckpt_path.parent
-        if rank == 0:  # half-written temporaries of a killed checkpoint or history write
-            for stale in run_dir.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
+        if rank == 0:
+            RunDir(run_dir).remove_temporaries()
     else:
-        run_dir = new_run_dir(cfg.project, cfg.name, force=force) if rank == 0 else None
+        run_dir = RunDir.create(cfg.project, cfg.name, force=force).path if rank == 0 else None
         if ddp:
             box = [str(run_dir) if run_dir else None]
             dist.broadcast_object_list(box, src=0)
             run_dir = Path(box[0])
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
 
     device_info = versions(device)
     if rank == 0 and state is None:
-        (run_dir / "config.json").write_text(json.dumps(
+        run.write_config(
             {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small,
              "parameters": sum(p.numel() for p in core.parameters()), "amp": amp,
              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
              "channels_last": channels_last, "workers": workers, "world_size": world,
              "distributed": bool(ddp),
-             "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}}, indent=2))
-        records[["image", "path", "grade", "split", "patient", "eye"]].to_csv(run_dir / "split.csv", index=False)
+             "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}})
+        run.write_split(records)
 
     say(f"Training [bold]{cfg.arch}[/] ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
         f"{cfg.mode}) on {device_info.get('gpu', device)} | {len(train_set)} train / {len(val_set)} val images "
@@ -502,14 +449,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
 
     def checkpoint(epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
         """best.pt's model (MODEL_KEYS); with ``resumable`` also last.pt's training state."""
-        state = {"model": core.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                 "class_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "small_stem": small,
-                 "metrics": row_metrics, "versions": device_info}
-        if resumable:
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
-                         best_metrics=best, best_epoch=best_epoch, history=history)
-        return state
+        state = model_state(model=core.state_dict(), epoch=epoch, config=cfg.to_dict(),
+                            class_names=list(GRADE_NAMES), preprocess=prep.to_dict(), small_stem=small,
+                            metrics=row_metrics, versions=device_info)
+        if not resumable:
+            return state
+        return training_state(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
+                              best_metrics=best, best_epoch=best_epoch, history=history)
 
     stopped = "completed"
     interrupted = False
@@ -567,9 +514,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     best, best_epoch = val, epoch + 1
                 if rank == 0:
                     if improved:
-                        save_checkpoint(checkpoint(epoch + 1, val, resumable=False), run_dir / "best.pt")
-                    save_checkpoint(checkpoint(epoch + 1, val, resumable=True), run_dir / "last.pt")
-                    write_history(run_dir, history)
+                        save_checkpoint(checkpoint(epoch + 1, val, resumable=False), run.best)
+                    save_checkpoint(checkpoint(epoch + 1, val, resumable=True), run.last)
+                    run.write_history(history)
                 if task is not None:  # every column of history.csv, so a log holds the whole epoch
                     bar.update(task, rate=row["images_per_second"], postfix=(
                         f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
@@ -582,11 +529,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     stopped = f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs"
                     break
     except StopTraining as exc:
-        stopped = f"{exc}; stopped, last.pt and best.pt keep the last good epoch ({epoch})"
+        stopped = f"{exc}; stopped, {RunDir.LAST} and {RunDir.BEST} keep the last good epoch ({epoch})"
     except KeyboardInterrupt:
         interrupted = True
         if history:
-            stopped = (f"interrupted during epoch {epoch + 1}; last.pt holds epoch {len(history)}; "
+            stopped = (f"interrupted during epoch {epoch + 1}; {RunDir.LAST} holds epoch {len(history)}; "
                        f"continue with: retino train --resume {run_dir}")
         else:
             stopped = f"interrupted during epoch {epoch + 1}, before any epoch was saved; start again"

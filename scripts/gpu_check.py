@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from retinocli.rundir import RunDir  # noqa: E402  (plain Python: the run folder's file names)
 
 
 class Check:
@@ -142,7 +144,7 @@ def paths(c: Check, data: Path, device: str, tiny: bool) -> None:
 
     def config_checks(name: str, **want):
         def check(stdout: str, stderr: str) -> list[str]:
-            cfg = read_json(runs / name / "config.json")
+            cfg = read_json(RunDir(runs / name).config)
             return [f"config.json {k} is {cfg.get(k)!r}, expected {v!r}" for k, v in want.items() if cfg.get(k) != v]
         return check
 
@@ -169,7 +171,7 @@ def paths(c: Check, data: Path, device: str, tiny: bool) -> None:
 
     def export_checks(stdout: str, stderr: str) -> list[str]:
         d = json.loads(stdout)
-        return [] if (run / "model.onnx").is_file() else [f"no model.onnx ({d})"]
+        return [] if RunDir(run).model().is_file() else [f"no model.onnx ({d})"]
 
     c.run("export (from the device checkpoint)", ["-m", "retinocli", "export", str(run), "--json"], timeout=240,
           checks=export_checks)
@@ -180,7 +182,7 @@ def paths(c: Check, data: Path, device: str, tiny: bool) -> None:
         return [] if len(lines) == want + 1 else [f"predictions.csv has {len(lines) - 1} rows for {want} images"]
 
     c.run("predict (exported model)", ["-m", "retinocli", "predict", str(data / "images"), "--model",
-                                       str(run / "model.onnx"), "--out", str(c.work / "predictions.csv")],
+                                       str(RunDir(run).model()), "--out", str(c.work / "predictions.csv")],
           timeout=180, checks=predict_checks)
 
     c.run("torchrun --nproc_per_node 1", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -234,7 +236,7 @@ def interrupt_and_resume(c: Check, cmd: list[str], run: Path) -> None:
     proc = subprocess.Popen([sys.executable, *cmd], stdout=out_file, stderr=err_file, text=True,
                             cwd=ROOT, env=child_env(), start_new_session=True)
     limit = min(240.0, c.left())
-    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() - start < limit:
+    while not RunDir(run).last.exists() and proc.poll() is None and time.monotonic() - start < limit:
         time.sleep(0.1)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -259,7 +261,7 @@ def interrupt_and_resume(c: Check, cmd: list[str], run: Path) -> None:
     c.steps.append(step)
 
     def resumed(stdout: str, stderr: str) -> list[str]:
-        rows = (run / "history.csv").read_text().splitlines()
+        rows = RunDir(run).history.read_text().splitlines()
         return [] if len(rows) == 4 else [f"history.csv has {len(rows) - 1} epochs, expected 3"]
 
     c.run("--resume the interrupted run", ["-m", "retinocli", "train", "--resume", str(run), "--json"],

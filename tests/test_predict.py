@@ -29,6 +29,7 @@ from retinocli import schema
 from retinocli.predict import PredictSummary, decode_batches, find_images, predict_folder
 from retinocli.display import render_predict_summary
 from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
+from retinocli.rundir import newest_model
 from retinocli.runtime import (
     CPU,
     META_PREFIX,
@@ -37,7 +38,6 @@ from retinocli.runtime import (
     _provider_options,
     load_model_file,
     metadata_props,
-    newest_model,
     nvidia_gpu_present,
     parse_metadata,
     read_model_info,

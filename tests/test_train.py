@@ -16,8 +16,8 @@ from retinocli.checkpoint import MODEL_KEYS, RESUME_KEYS, load_checkpoint, save_
 from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
-from retinocli.train import (HISTORY_FIELDS, is_out_of_memory, new_run_dir, out_of_memory_error, train,
-                             with_index)
+from retinocli.rundir import HISTORY_FIELDS
+from retinocli.train import is_out_of_memory, out_of_memory_error, train, with_index
 from test_models import put_imagenet_weights
 
 runner = CliRunner()
@@ -151,13 +151,6 @@ def test_nan_loss_stops_cleanly(synth_data, tmp_path):
     result = train(cfg(synth_data, tmp_path, lr=1e30, epochs=2))
     assert "loss became nan" in result.stopped
     assert not (result.run_dir / "last.pt").exists() or load_checkpoint(result.run_dir / "last.pt")
-
-
-def test_runs_auto_number(tmp_path):
-    assert new_run_dir(tmp_path, "train").name == "train"
-    assert new_run_dir(tmp_path, "train").name == "train2"
-    assert new_run_dir(tmp_path, "train").name == "train3"
-    assert new_run_dir(tmp_path, "train", force=True).name == "train"
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
