@@ -1,10 +1,10 @@
 """retino as a library: find a dataset, read its balance, train briefly on the demo data."""
 
 from retinocli.config import TrainConfig
-from retinocli.layouts import load_dataset
-from retinocli.stats import dataset_stats
-from retinocli.synth import generate
-from retinocli.train import train
+from retinocli.data.layouts import load_dataset
+from retinocli.data.stats import dataset_stats
+from retinocli.data.synth import generate
+from retinocli.engine.trainer import train
 
 generate("demo-lib/data", n=200, size=64, force=True)
 stats = dataset_stats(load_dataset("demo-lib/data"), sample=50)

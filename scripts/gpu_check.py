@@ -271,7 +271,7 @@ def interrupt_and_resume(c: Check, cmd: list[str], run: Path) -> None:
 def bench(c: Check, data: Path, device: str, tiny: bool, which: list[str]) -> dict:
     """``retino bench`` without, then with, torch.compile; rows merged, ratios recomputed."""
     sys.path.insert(0, str(ROOT))
-    from retinocli.bench import Row, _ratios
+    from retinocli.reporting.bench import Row, _ratios
 
     log = open(c.out / "bench.log", "w", buffering=1)
     common = ["-m", "retinocli", "bench", "--device", device, "--json",

@@ -62,7 +62,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """The demo dataset, small: 300 images of 64 px, shared by every test that trains."""
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, n=300, size=64, seed=0)

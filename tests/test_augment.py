@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retinocli.augment import PRESETS, BatchAugment, affine_theta, batch_seed, colour_matrix, sample_params, sampling_grid
+from retinocli.engine.augment import PRESETS, BatchAugment, affine_theta, batch_seed, colour_matrix, sample_params, sampling_grid
 from retinocli.errors import RetinoError
 
 

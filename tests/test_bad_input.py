@@ -442,7 +442,7 @@ def spoil_labels(csv_path: Path, cases: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Corpus:
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     root = tmp_path_factory.mktemp("bad-input")
     clean = root / "clean"
@@ -493,7 +493,7 @@ def corpus(tmp_path_factory) -> Corpus:
         for prop in proto.metadata_props:
             prop.value = change.get(prop.key, prop.value)
         onnx.save(proto, str(models / name))
-    from retinocli import schema
+    from retinocli.deploy import schema
 
     ok_probs = [0.5, 0.2, 0.1, 0.1, 0.1]
     with open(models / "evaluate-predictions.csv", "w", newline="") as fh:  # one row, no newline at the end
@@ -516,7 +516,7 @@ def slim_run(trained_run, tmp_path_factory) -> Path:
 
     ``ckpts/<case>/best.pt`` for evaluate and export, ``ckpts/<case>/last.pt`` for --resume.
     """
-    from retinocli.checkpoint import load_checkpoint, save_checkpoint
+    from retinocli.engine.checkpoints import load_checkpoint, save_checkpoint
 
     root = tmp_path_factory.mktemp("slim")
     run = root / "run"
@@ -568,7 +568,7 @@ def work(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("case", [c for c, (_, want) in IMAGE_CASES.items() if want == OK])
 def test_odd_images_decode_upright_rgb(corpus, case):
     """What every command's decoder (preprocess.load_image) makes of the files that must work."""
-    from retinocli.preprocess import Preprocess, load_and_prepare, load_image
+    from retinocli.imaging.preprocess import Preprocess, load_and_prepare, load_image
 
     path = corpus.images["train"][case]
     img = load_image(path)
@@ -653,8 +653,8 @@ def trained_on_corpus(corpus) -> tuple:
 @pytest.mark.parametrize("case", IMAGE_CASES)
 def test_train_skips_and_counts_unreadable_images(corpus, trained_on_corpus, case):
     """The run completes; the dataset turns a broken file into a skipped sample with its reason."""
-    from retinocli.data import IGNORE, FundusDataset
-    from retinocli.preprocess import Preprocess
+    from retinocli.engine.dataset import IGNORE, FundusDataset
+    from retinocli.imaging.preprocess import Preprocess
 
     _skip_if_not_made(case)
     result, out, split = trained_on_corpus
@@ -824,7 +824,7 @@ def test_permissions_for_a_user_they_stop(corpus):
     import sys
     import tempfile
 
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     drop = 0
     if AS_ROOT:

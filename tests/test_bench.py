@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from retinocli.bench import Row, _ratios, timed
+from retinocli.reporting.bench import Row, _ratios, timed
 from retinocli.cli import app
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retinocli.cli import app
-from retinocli.compare import compare, grid
+from retinocli.reporting.compare import compare, grid
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
 from test_models import put_imagenet_weights

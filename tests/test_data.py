@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from retinocli.data import EpochSampler, FundusDataset, IGNORE, carve_validation, class_weights, training_split
+from retinocli.engine.dataset import EpochSampler, FundusDataset, IGNORE, carve_validation, class_weights, training_split
 from retinocli.errors import RetinoError
-from retinocli.layouts import load_dataset
-from retinocli.preprocess import Preprocess
+from retinocli.data.layouts import load_dataset
+from retinocli.imaging.preprocess import Preprocess
 
 
 def table(n_patients: int) -> pd.DataFrame:

@@ -10,10 +10,11 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
 from typer.testing import CliRunner
 
-from retinocli import GRADE_NAMES, schema
+from retinocli import GRADE_NAMES
+from retinocli.deploy import schema
 from retinocli.cli import app
 from retinocli.errors import RetinoError
-from retinocli.evaluate import evaluate, tta_views
+from retinocli.reporting.evaluate import evaluate, tta_views
 
 runner = CliRunner()
 

@@ -15,12 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 from retinocli import GRADE_NAMES
-from retinocli.checkpoint import load_checkpoint, save_checkpoint
+from retinocli.engine.checkpoints import load_checkpoint, save_checkpoint
 from retinocli.cli import app
 from retinocli.errors import RetinoError
-from retinocli.evaluate import evaluate
-from retinocli.export import export
-from retinocli.runtime import OnnxGrader, parse_metadata
+from retinocli.reporting.evaluate import evaluate
+from retinocli.deploy.export import export
+from retinocli.deploy.onnx_model import OnnxGrader, parse_metadata
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_export_writes_checked_self_describing_model(exported):
 
 
 def test_dynamic_batch_and_parity(exported):
-    from retinocli.checkpoint import load_trained
+    from retinocli.engine.checkpoints import load_trained
 
     model, state = load_trained(exported / "best.pt")
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -86,7 +86,7 @@ def test_onnx_and_checkpoint_evaluations_agree(exported, tmp_path):
 def test_a_model_finds_its_run_by_the_checkpoints_hash(exported, tmp_path):
     """evaluate without --data needs the run's split.csv: model.onnx beside the very best.pt
     it came from finds it; a copy elsewhere, or beside another best.pt, does not."""
-    from retinocli.evaluate import open_model
+    from retinocli.reporting.evaluate import open_model
 
     assert open_model(exported / "model.onnx", provider="cpu").run_dir == exported
     alone = tmp_path / "shared" / "model.onnx"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retinocli.checkpoint import load_checkpoint
+from retinocli.engine.checkpoints import load_checkpoint
 from test_predict import build_model as build_tiny_onnx
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
@@ -134,7 +134,7 @@ def test_sigkill_while_writing_a_checkpoint(reference, synth_data, tmp_path):
     script = textwrap.dedent(f"""
         import io, os, signal, sys
         import torch
-        import retinocli.checkpoint as ck
+        import retinocli.engine.checkpoints as ck
         real_save, calls = torch.save, []
 
         def dying_save(obj, fh, *a, **k):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_image
 from retinocli.errors import RetinoError
-from retinocli.layouts import detect_layout, load_dataset, parse_patient_eye
+from retinocli.data.layouts import detect_layout, load_dataset, parse_patient_eye
 
 
 def write_lines(path: Path, lines: list[str], *, bom: bool = False) -> Path:

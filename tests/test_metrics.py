@@ -1,4 +1,4 @@
-"""Tests for retinocli.metrics: hand-worked cases, scikit-learn as an oracle, edge cases."""
+"""Tests for retinocli.reporting.metrics: hand-worked cases, scikit-learn as an oracle, edge cases."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retinocli import metrics as m
+from retinocli.reporting import metrics as m
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -333,7 +333,7 @@ def test_programmer_errors_raise_value_error(call, match: str) -> None:
 
 def test_import_does_not_pull_torch_or_sklearn() -> None:
     code = (
-        "import sys, retinocli.metrics; "
+        "import sys, retinocli.reporting.metrics; "
         "assert 'torch' not in sys.modules, 'torch'; "
         "assert 'sklearn' not in sys.modules, 'sklearn'"
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retinocli.errors import RetinoError
-from retinocli.models import (ARCHS, build_model, cached_weight_file, create_model, freeze_backbone,
+from retinocli.models.registry import (ARCHS, build_model, cached_weight_file, create_model, freeze_backbone,
                               parameter_count, set_train_mode, use_small_stem)
 
 

@@ -85,7 +85,7 @@ def test_next_hint_names_the_split_that_exists(synth_data, tmp_path):
 
 
 def test_no_validation_images_is_refused_with_the_counts(tmp_path):
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     generate(tmp_path / "tiny", n=10, size=32, seed=0)  # 5 patients: 1 % of them is nobody
     done = retino("train", "--data", tmp_path / "tiny", *TRAIN, "--batch-size", "2", "--epochs", "1",
@@ -105,7 +105,7 @@ def test_a_model_no_better_than_the_majority_bar_is_called_out(synth_data, tmp_p
 
     result = json.loads(done.stdout)
     best = result["best"]["accuracy"]
-    from retinocli.metrics import majority_baseline
+    from retinocli.reporting.metrics import majority_baseline
     import pandas as pd
 
     split = pd.read_csv(tmp_path / "runs" / "train" / "split.csv")
@@ -120,7 +120,7 @@ def test_squashed_photos_get_a_note_and_idrid_counts_images(tmp_path):
     from PIL import Image
 
     from retinocli.config import TrainConfig
-    from retinocli.train import squashed_note
+    from retinocli.engine.trainer import squashed_note
 
     wide = tmp_path / "wide.jpg"
     Image.new("RGB", (60, 40)).save(wide)
@@ -134,7 +134,7 @@ def test_squashed_photos_get_a_note_and_idrid_counts_images(tmp_path):
 
     import pandas as pd
 
-    from retinocli.data import training_split
+    from retinocli.engine.dataset import training_split
 
     records = pd.DataFrame({"path": [f"{i}.jpg" for i in range(40)], "grade": [i % 5 for i in range(40)],
                             "split": "train", "found": True, "patient": None})

@@ -1,4 +1,4 @@
-"""Tests for retinocli.runtime and retinocli.predict: metadata, the grader, folders, resume.
+"""Tests for retinocli.deploy.onnx_model and retinocli.deploy.predict: metadata, the grader, folders, resume.
 
 The models are built here with onnx.helper, no torch: images -> GlobalAveragePool ->
 Flatten -> Gemm (3 -> 5, fixed weights) -> logits -> Softmax -> probs, small enough to
@@ -25,12 +25,12 @@ from PIL import Image
 
 from retinocli import GRADE_NAMES
 from retinocli.errors import RetinoError
-from retinocli import schema
-from retinocli.predict import PredictSummary, decode_batches, find_images, predict_folder
-from retinocli.display import render_predict_summary
-from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
+from retinocli.deploy import schema
+from retinocli.deploy.predict import PredictSummary, decode_batches, find_images, predict_folder
+from retinocli.reporting.render import render_predict_summary
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.rundir import newest_model
-from retinocli.runtime import (
+from retinocli.deploy.onnx_model import (
     CPU,
     META_PREFIX,
     ModelInfo,
@@ -428,8 +428,8 @@ def test_decode_batches_keeps_order_and_survives_bad_files(tmp_path):
 def test_decoding_equals_training_input(tmp_path):
     """Prediction's pixels and floats are training's: FundusDataset, then train.to_input."""
     torch = pytest.importorskip("torch")
-    from retinocli.data import FundusDataset
-    from retinocli.train import to_input
+    from retinocli.engine.dataset import FundusDataset
+    from retinocli.engine.trainer import to_input
 
     paths = []
     rng = np.random.default_rng(5)
@@ -520,7 +520,7 @@ def check_rows(rows: list[dict], expected: dict[str, str], p: Preprocess, folder
 def test_predict_folder_statuses_probs_and_summary(tmp_path, grader, photo_folder, monkeypatch):
     from rich.console import Console
 
-    from retinocli.display import progress_bar
+    from retinocli.reporting.render import progress_bar
 
     folder, expected = photo_folder
     # The output under a 150+ character folder, rendered 60 columns wide: a path is never cut.
@@ -693,8 +693,8 @@ def test_predict_without_torch(tmp_path, model_path):
     code = (
         "import json, sys\n"
         "sys.modules['torch'] = None\n"
-        "from retinocli.predict import predict_folder\n"
-        "from retinocli.runtime import OnnxGrader\n"
+        "from retinocli.deploy.predict import predict_folder\n"
+        "from retinocli.deploy.onnx_model import OnnxGrader\n"
         "s = predict_folder(sys.argv[1], OnnxGrader(sys.argv[2], 'auto'), out=sys.argv[3])\n"
         "real = sorted(m for m, v in sys.modules.items()\n"
         "              if v is not None and m.split('.')[0] in ('torch', 'torchvision'))\n"

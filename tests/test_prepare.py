@@ -16,9 +16,9 @@ from PIL import Image
 
 from conftest import write_image
 from retinocli.errors import RetinoError
-from retinocli.layouts import load_dataset
-from retinocli.prepare import cache_name, prepare
-from retinocli.preprocess import Preprocess, load_and_prepare
+from retinocli.data.layouts import load_dataset
+from retinocli.imaging.cache import cache_name, prepare
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 
 def pixels(path) -> np.ndarray:
@@ -33,7 +33,7 @@ def by_key(records) -> dict:
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
     """40 synthetic photos of 96 px in the Kaggle layout: 32 train, 8 test."""
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     out = tmp_path_factory.mktemp("prep-src") / "data"
     generate(out, n=40, size=96, seed=1)
@@ -89,7 +89,7 @@ def test_png_cache_holds_the_exact_pixels_and_every_record(src, png_cache):
 def test_jpeg_cache_is_within_two_grey_levels(src, tmp_path):
     from rich.console import Console
 
-    from retinocli.display import progress_bar
+    from retinocli.reporting.render import progress_bar
 
     console = Console(file=io.StringIO(), width=120)
     with progress_bar(console, "img") as bar:
@@ -159,7 +159,7 @@ def test_an_interrupted_run_is_unfinished_until_run_again(src, tmp_path):
 
 
 def test_broken_and_missing_images_are_listed_not_fatal(src, tmp_path):
-    from retinocli.stats import dataset_stats
+    from retinocli.data.stats import dataset_stats
 
     data = tmp_path / "data"
     shutil.copytree(src, data)
@@ -293,8 +293,8 @@ def test_names_stay_unique_across_folders_case_and_extension(tmp_path):
 def test_training_on_the_png_cache_is_bit_identical(src, tmp_path):
     import torch
 
-    from retinocli.checkpoint import load_checkpoint
-    from retinocli.train import train
+    from retinocli.engine.checkpoints import load_checkpoint
+    from retinocli.engine.trainer import train
     from test_train import cfg
 
     cache = prepare(src, out=tmp_path / "cache", size=32, mode="crop", fmt="png", workers=1).out
@@ -323,7 +323,7 @@ def test_full_size_photos(shared_data, tmp_path):
 
 def test_prepare_needs_no_torch(src, tmp_path):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from retinocli.prepare import prepare\n"
+            "from retinocli.imaging.cache import prepare\n"
             f"print(prepare({str(src)!r}, out={str(tmp_path / 'cache')!r}, size=16, workers=2).count)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -334,7 +334,7 @@ def test_cli_prepare_then_stats(tmp_path):
     from typer.testing import CliRunner
 
     from retinocli.cli import app
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     src = tmp_path / "src"
     generate(src, n=20, size=96, seed=3)
@@ -357,7 +357,7 @@ def test_progress_bar_and_summary_give_one_rate(src, tmp_path):
     there, over the time spent on them, not the start-up; the bar ends on that same number."""
     from rich.console import Console
 
-    from retinocli.display import progress_bar
+    from retinocli.reporting.render import progress_bar
 
     data = tmp_path / "data"
     shutil.copytree(src, data)

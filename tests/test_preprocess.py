@@ -1,4 +1,4 @@
-"""Tests for retinocli.preprocess: settings, safe loading, fundus crop, Graham, normalisation."""
+"""Tests for retinocli.imaging.preprocess: settings, safe loading, fundus crop, Graham, normalisation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from retinocli.errors import RetinoError
-from retinocli.preprocess import (
+from retinocli.imaging.preprocess import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -422,7 +422,7 @@ def test_to_batch_matches_normalize():
 def test_preprocess_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, retinocli.preprocess; print('torch' in sys.modules)"
+    code = "import sys, retinocli.imaging.preprocess; print('torch' in sys.modules)"
     repo = Path(__file__).parents[1]
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo

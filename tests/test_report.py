@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retinocli import metrics
+from retinocli.reporting import metrics
 from retinocli.errors import RetinoError
-from retinocli.report import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
+from retinocli.reporting.report import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
                               confusion_figure, load_run, load_runs, num, params, pct, roc_figure, run_label,
                               split_counts, write_report)
 
@@ -295,7 +295,7 @@ def test_what_differs_between_runs_in_the_table_the_json_and_the_cli(tmp_path):
     from typer.testing import CliRunner
 
     from retinocli.cli import app
-    from retinocli.report import settings_that_differ
+    from retinocli.reporting.report import settings_that_differ
 
     a = make_run(tmp_path, "a")
     b = make_run(tmp_path, "b", arch="resnet50", weights=None)

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from retinocli import GRADE_NAMES, metrics, schema
+from retinocli import GRADE_NAMES
+from retinocli.deploy import schema
+from retinocli.reporting import metrics
 from retinocli.cli import app
 from retinocli.errors import RetinoError
-from retinocli.evaluate import evaluate
-from retinocli.predict import predict_folder
-from retinocli.report import load_run, write_report
-from retinocli.runtime import OnnxGrader
+from retinocli.reporting.evaluate import evaluate
+from retinocli.deploy.predict import predict_folder
+from retinocli.reporting.report import load_run, write_report
+from retinocli.deploy.onnx_model import OnnxGrader
 
 from test_predict import build_model
 from test_report import make_run, predictions
@@ -33,7 +35,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> dict[str, Path]:
     """One tiny model's predictions of one synth test split, through evaluate and through predict."""
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     root = tmp_path_factory.mktemp("schema")
     data = root / "data"

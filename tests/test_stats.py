@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import write_image
-from retinocli.layouts import load_dataset
-from retinocli.stats import balance_chart, dataset_stats, grade_balance, plot_balance, warnings
+from retinocli.data.layouts import load_dataset
+from retinocli.data.stats import balance_chart, dataset_stats, grade_balance, plot_balance, warnings
 from test_layouts import write_lines
 
 
@@ -84,7 +84,7 @@ def test_sample_limits_images_checked(tmp_path):
 def test_balance_chart_is_the_report_chart(tmp_path):
     from PIL import Image
 
-    from retinocli.report import DPI, FIGSIZE, grade_label
+    from retinocli.reporting.report import DPI, FIGSIZE, grade_label
 
     s = dataset_stats(load_dataset(leaky_dataset(tmp_path / "lab")), sample=0)
     fig = balance_chart(s)

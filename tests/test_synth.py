@@ -1,4 +1,4 @@
-"""Tests for retinocli.synth: layout, labels, determinism and that grades can be told apart."""
+"""Tests for retinocli.data.synth: layout, labels, determinism and that grades can be told apart."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from retinocli import NUM_GRADES, RetinoError
-from retinocli.synth import generate
+from retinocli.data.synth import generate
 
 N = 200
 SIZE = 64
@@ -201,5 +201,5 @@ def test_out_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_does_not_import_torch() -> None:
-    code = "import sys, retinocli.synth; sys.exit('torch' in sys.modules)"
+    code = "import sys, retinocli.data.synth; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

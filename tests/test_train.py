@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from retinocli.checkpoint import MODEL_KEYS, RESUME_KEYS, load_checkpoint, save_checkpoint
+from retinocli.engine.checkpoints import MODEL_KEYS, RESUME_KEYS, load_checkpoint, save_checkpoint
 from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
 from retinocli.rundir import HISTORY_FIELDS
-from retinocli.train import is_out_of_memory, out_of_memory_error, train, with_index
+from retinocli.engine.trainer import is_out_of_memory, out_of_memory_error, train, with_index
 from test_models import put_imagenet_weights
 
 runner = CliRunner()
@@ -125,7 +125,7 @@ def test_a_config_from_before_batched_augmentation_keeps_the_per_image_way():
 
 def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home):
     put_imagenet_weights("resnet18", "IMAGENET1K_V1", seed=11)
-    from retinocli.models import create_model
+    from retinocli.models.registry import create_model
 
     start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
     result = train(cfg(synth_data, tmp_path, pretrained=True, mode="linear", img_size=40, augment="light"))
@@ -139,7 +139,7 @@ def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home)
 
 def test_two_stage_thaws_the_backbone(synth_data, tmp_path, torch_home):
     put_imagenet_weights("resnet18", "IMAGENET1K_V1")
-    from retinocli.models import create_model
+    from retinocli.models.registry import create_model
 
     start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
     result = train(cfg(synth_data, tmp_path, weights="IMAGENET1K_V1", mode="two-stage", head_epochs=1, epochs=2))

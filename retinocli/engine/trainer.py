@@ -20,15 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retinocli import GRADE_NAMES, NUM_GRADES, __version__, metrics
-from retinocli.augment import BatchAugment
-from retinocli.checkpoint import load_resume_state, model_state, save_checkpoint, training_state
+from retinocli import GRADE_NAMES, NUM_GRADES, __version__
+from retinocli.reporting import metrics
+from retinocli.engine.augment import BatchAugment
+from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.config import TrainConfig
-from retinocli.data import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
+from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
-from retinocli.models import create_model, freeze_backbone, set_train_mode, use_small_stem
-from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from retinocli.models.registry import create_model, freeze_backbone, set_train_mode, use_small_stem
+from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from retinocli.rundir import RunDir
 
 LOG_EVERY = 10  # steps between progress updates: the only host-device syncs in an epoch
@@ -307,8 +308,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     """
     from rich.markup import escape
 
-    from retinocli.display import progress_bar
-    from retinocli.layouts import load_dataset
+    from retinocli.reporting.render import progress_bar
+    from retinocli.data.layouts import load_dataset
 
     ddp = _distributed()
     rank, world, local_rank = ddp or (0, 1, 0)

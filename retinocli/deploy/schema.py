@@ -36,7 +36,7 @@ import numpy as np
 
 from retinocli import NUM_GRADES
 from retinocli.errors import RetinoError
-from retinocli.metrics import REFERABLE_GRADE
+from retinocli.reporting.metrics import REFERABLE_GRADE
 
 IMAGE = "image"
 PATH = "path"

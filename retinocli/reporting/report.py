@@ -2,7 +2,7 @@
 
 Reads only what other commands left in a run folder: ``config.json``, ``history.csv`` and
 ``split.csv`` from ``retino train``, and ``metrics.json`` (plus ``predictions.csv``, checked
-against :mod:`retinocli.schema`) from ``retino evaluate`` once a run has been evaluated.
+against :mod:`retinocli.deploy.schema`) from ``retino evaluate`` once a run has been evaluated.
 numpy, pandas and matplotlib only, no torch. Every figure is its own :class:`matplotlib.figure.Figure` on an Agg canvas, so no
 pyplot state is created or changed; the ``*_figure`` functions return them for notebooks
 and :func:`write_report` saves them next to ``report.md``.
@@ -106,7 +106,7 @@ class RunSummary:
 
     def val_baseline(self) -> tuple[int, float] | None:
         """(grade, accuracy) of always answering the commonest validation grade."""
-        from retinocli.metrics import majority_baseline
+        from retinocli.reporting.metrics import majority_baseline
 
         grades = self.grades("val")
         return majority_baseline(grades) if grades else None
@@ -135,8 +135,8 @@ def _roc_from_predictions(path: Path, num_grades: int) -> tuple[list[float], lis
     """
     import numpy as np
 
-    from retinocli import schema
-    from retinocli.metrics import REFERABLE_GRADE, roc_curve
+    from retinocli.deploy import schema
+    from retinocli.reporting.metrics import REFERABLE_GRADE, roc_curve
 
     if not path.is_file():
         return None

@@ -1,7 +1,7 @@
 """What a dataset holds before anyone trains on it: balance, patients, leakage, broken files.
 
-Works on the records of :mod:`retinocli.layouts`; pandas, numpy and PIL only, no torch.
-Everything :func:`dataset_stats` returns is plain JSON-ready data; :mod:`retinocli.display`
+Works on the records of :mod:`retinocli.data.layouts`; pandas, numpy and PIL only, no torch.
+Everything :func:`dataset_stats` returns is plain JSON-ready data; :mod:`retinocli.reporting.render`
 renders it and :func:`balance_chart` draws it (the chart ``retino report`` draws too).
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.errors import RetinoError
-from retinocli.layouts import Dataset
+from retinocli.data.layouts import Dataset
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,7 +31,7 @@ def grade_balance(grades) -> dict:
     The majority accuracy is what always answering the commonest grade scores: the bar any
     model must clear (73.5 % on the course's test split, which its reports never noticed).
     """
-    from retinocli.metrics import majority_baseline
+    from retinocli.reporting.metrics import majority_baseline
 
     labelled = [int(g) for g in grades if g is not None and g == g]
     counts = Counter(labelled)
@@ -53,13 +53,13 @@ def grade_balance(grades) -> dict:
 def inspect_image(path: str, *, digest: bool = False) -> dict:
     """Say what one image is (format, mode, size, bytes), or why it cannot be read.
 
-    The decode check is :func:`retinocli.preprocess.load_image` itself (in reduced-size
+    The decode check is :func:`retinocli.imaging.preprocess.load_image` itself (in reduced-size
     draft mode, which still reads every byte, so truncated files show): a file stats calls
     readable is one training and prediction can read.
     """
     from PIL import Image
 
-    from retinocli.preprocess import load_image
+    from retinocli.imaging.preprocess import load_image
 
     info: dict = {"path": path}
     try:
@@ -130,7 +130,7 @@ def dataset_stats(ds: Dataset, *, sample: int | None = 200, seed: int = 0, threa
     """Everything ``retino stats`` reports about a dataset.
 
     Args:
-        ds: the dataset from :func:`retinocli.layouts.load_dataset`.
+        ds: the dataset from :func:`retinocli.data.layouts.load_dataset`.
         sample: how many existing images to open and check (seeded); None opens all.
         seed: which images the sample takes.
         threads: decoding threads (PIL releases the GIL while decoding).
@@ -214,7 +214,7 @@ def warnings(stats: dict) -> list[str]:
 
 def balance_chart(stats: dict) -> Figure:
     """The class-balance chart of :func:`dataset_stats`' result: report's :func:`balance_figure`."""
-    from retinocli.report import balance_figure
+    from retinocli.reporting.report import balance_figure
 
     counts = {split: s["counts"] for split, s in stats["splits"].items() if s["labelled"]}
     return balance_figure(counts or {"all": stats["overall"]["counts"]},
@@ -223,7 +223,7 @@ def balance_chart(stats: dict) -> Figure:
 
 def plot_balance(stats: dict, out: str | Path) -> Path:
     """Save :func:`balance_chart` as a PNG (``retino stats --plot``)."""
-    from retinocli.report import DPI
+    from retinocli.reporting.report import DPI
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

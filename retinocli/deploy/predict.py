@@ -2,7 +2,7 @@
 
     find_images      the image files under a folder (symlinks followed, loops not)
     decode_batches   decode in a thread pool, in order, a few batches ahead of the model
-    predict_folder   one row per image (retinocli.schema) to CSV or JSON lines, flushed
+    predict_folder   one row per image (retinocli.deploy.schema) to CSV or JSON lines, flushed
                      batch by batch, so an interrupted run resumes where it stopped and
                      never repeats an image
 
@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from retinocli import schema
+from retinocli.deploy import schema
 from retinocli.errors import RetinoError
-from retinocli.layouts import IMAGE_EXTENSIONS
-from retinocli.metrics import REFERABLE_GRADE
-from retinocli.preprocess import Preprocess, load_and_prepare
+from retinocli.data.layouts import IMAGE_EXTENSIONS
+from retinocli.reporting.metrics import REFERABLE_GRADE
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from retinocli.runtime import OnnxGrader
+    from retinocli.deploy.onnx_model import OnnxGrader
 
 _ERROR_EXAMPLES = 5
 
@@ -398,7 +398,7 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
                    json_lines: bool = False, progress: Progress | None = None) -> PredictSummary:
     """Grade every image under ``folder`` and write one row per image to ``out``.
 
-    Rows (:func:`retinocli.schema.columns`, unlabelled) are written in image order and
+    Rows (:func:`retinocli.deploy.schema.columns`, unlabelled) are written in image order and
     flushed after each batch; the path column is the path as found under ``folder`` as
     given, and is what ``resume`` matches on, so resume with the same folder argument.
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from retinocli.errors import RetinoError
-from retinocli.preprocess import Preprocess, load_and_prepare
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 
 @dataclass
@@ -198,7 +198,7 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> li
     """Fundus-like JPEGs (the demo generator's drawings, scaled to ``size``) for timing."""
     from PIL import Image
 
-    from retinocli.synth import generate
+    from retinocli.data.synth import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / "_synth"
@@ -259,15 +259,15 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
     Both decode ``batch`` images one by one (as a loader worker does), stack them, move the
     batch to ``device`` and normalise it there, as ``retino train`` does. The old way turns
     each image with the torchvision preset in the worker first; the new one turns the whole
-    batch on the device (:class:`retinocli.augment.BatchAugment`). One CPU thread throughout.
+    batch on the device (:class:`retinocli.engine.augment.BatchAugment`). One CPU thread throughout.
     On a GPU a third row times the batched augmentation alone.
     """
     import torch
 
-    from retinocli.augment import BatchAugment
-    from retinocli.data import augmentation
-    from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from retinocli.train import to_input
+    from retinocli.engine.augment import BatchAugment
+    from retinocli.engine.dataset import augmentation
+    from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from retinocli.engine.trainer import to_input
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -323,8 +323,8 @@ def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled
     import torch
     from torch import nn
 
-    from retinocli.models import build_model
-    from retinocli.train import amp_dtype_for
+    from retinocli.models.registry import build_model
+    from retinocli.engine.trainer import amp_dtype_for
 
     torch.manual_seed(0)
     model = build_model(arch).to(device)
@@ -387,7 +387,7 @@ def pipeline_images(source: Path | None, size: int, folder: Path, n: int) -> lis
 
     from PIL import Image
 
-    from retinocli.predict import find_images
+    from retinocli.deploy.predict import find_images
 
     if source is None:
         return make_jpegs(folder, n, (size, size))
@@ -419,10 +419,10 @@ def bench_pipeline(arch: str, paths: list[Path], size: int, batch: int, device, 
     """
     import torch
 
-    from retinocli.augment import BatchAugment
-    from retinocli.data import EpochSampler, FundusDataset, make_loader
-    from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from retinocli.train import to_input
+    from retinocli.engine.augment import BatchAugment
+    from retinocli.engine.dataset import EpochSampler, FundusDataset, make_loader
+    from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from retinocli.engine.trainer import to_input
 
     gpu = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize()) if gpu else (lambda: None)
@@ -470,8 +470,8 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
     import onnxruntime as ort
     import torch
 
-    from retinocli.models import build_model
-    from retinocli.runtime import OnnxGrader
+    from retinocli.models.registry import build_model
+    from retinocli.deploy.onnx_model import OnnxGrader
 
     torch.manual_seed(0)
     model = build_model(arch).eval()
@@ -556,9 +556,9 @@ def onnx_model(arch: str, size: int, tmp: Path, precision: str, *, model=None, f
     import torch
 
     from retinocli import GRADE_NAMES
-    from retinocli.export import quantize_int8, to_onnx
-    from retinocli.models import build_model
-    from retinocli.runtime import set_metadata
+    from retinocli.deploy.export import quantize_int8, to_onnx
+    from retinocli.models.registry import build_model
+    from retinocli.deploy.onnx_model import set_metadata
 
     if model is None:
         torch.manual_seed(0)
@@ -593,8 +593,8 @@ def _forward(model, x, autocast=None) -> Callable[[], int]:
 
 def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp: Path) -> Row:
     """``predict_folder`` end to end: decode threads + inference + CSV."""
-    from retinocli.predict import default_threads, predict_folder
-    from retinocli.runtime import OnnxGrader
+    from retinocli.deploy.predict import default_threads, predict_folder
+    from retinocli.deploy.onnx_model import OnnxGrader
 
     grader = OnnxGrader(model_path, provider=provider)
     out = tmp / f"pred-{provider}.csv"
@@ -611,8 +611,8 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
     """Measure everything ``plan`` asks for; see the module doc."""
     import torch
 
-    from retinocli.data import default_workers
-    from retinocli.train import pick_device
+    from retinocli.engine.dataset import default_workers
+    from retinocli.engine.trainer import pick_device
 
     unknown = sorted(set(plan.sections) - set(SECTIONS))
     if unknown or not plan.sections:
@@ -645,7 +645,7 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
                                   batch=4 if plan.quick else 32)
             photos = plan.full_size_photos
             if photos is not None and photos.is_dir():
-                from retinocli.predict import find_images
+                from retinocli.deploy.predict import find_images
 
                 big = find_images(photos)[: 3 if plan.quick else 10]
                 label = "full-size photos"

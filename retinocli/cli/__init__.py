@@ -120,7 +120,7 @@ def check_output_file(path: Path | None, force: bool) -> None:
 
 def _print_differences(differences: dict[str, dict]) -> None:
     """A line per run naming the settings it does not share with the others."""
-    from retinocli.report import describe_settings
+    from retinocli.reporting.report import describe_settings
 
     if differences:
         console.print("What differs between the runs:")
@@ -156,9 +156,9 @@ def stats(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")] = False,
 ) -> None:
     """Class balance, majority-grade bar, patients, leakage and broken files of a dataset."""
-    from retinocli import display
-    from retinocli import stats as stats_mod
-    from retinocli.layouts import load_dataset
+    from retinocli.reporting import render as display
+    from retinocli.data import stats as stats_mod
+    from retinocli.data.layouts import load_dataset
 
     with user_errors():
         if sample < 0:
@@ -195,7 +195,8 @@ def synth(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate the built-in demo data: procedural fundus photographs whose grade is learnable."""
-    from retinocli import display, synth as synth_mod
+    from retinocli.data import synth as synth_mod
+    from retinocli.reporting import render as display
 
     with user_errors():
         with display.progress_bar(err_console if json_out else console, transient=True) as bar:
@@ -288,13 +289,13 @@ def train(
                 batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
                 device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
                 patience=patience, select_metric=select_metric, project=project, name=name)
-            from retinocli.models import check_arch
+            from retinocli.models.registry import check_arch
 
             check_arch(cfg.arch)
-        from retinocli.train import train as run_training
+        from retinocli.engine.trainer import train as run_training
 
         result = run_training(cfg, resume=resume, force=force, console=err_console if json_out else console)
-    from retinocli import display
+    from retinocli.reporting import render as display
 
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
@@ -337,8 +338,8 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Score a model on a labelled split: confusion table, per-grade and clinical metrics, AUCs."""
-    from retinocli import display
-    from retinocli.evaluate import evaluate as run_evaluation
+    from retinocli.reporting import render as display
+    from retinocli.reporting.evaluate import evaluate as run_evaluation
 
     shown = err_console if json_out else console
     with user_errors():
@@ -369,7 +370,7 @@ def report(
     json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
     """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, report.md."""
-    from retinocli.report import write_report
+    from retinocli.reporting.report import write_report
 
     with user_errors():
         if not runs:
@@ -406,8 +407,8 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export a trained grader to ONNX with its preprocessing and grade names inside; checks parity."""
-    from retinocli import display
-    from retinocli.export import export as run_export
+    from retinocli.reporting import render as display
+    from retinocli.deploy.export import export as run_export
 
     with user_errors():
         result = run_export(model, out=out, fp16=fp16, int8=int8, opset=opset, force=force,
@@ -438,10 +439,10 @@ def predict(
                                                           "CSV.")] = False,
 ) -> None:
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
-    from retinocli import display
-    from retinocli.predict import check_output, predict_folder
+    from retinocli.reporting import render as display
+    from retinocli.deploy.predict import check_output, predict_folder
     from retinocli.rundir import newest_model
-    from retinocli.runtime import OnnxGrader
+    from retinocli.deploy.onnx_model import OnnxGrader
 
     to_stdout = str(out) == "-" if out is not None else json_out
     shown = err_console if to_stdout else console  # stdout carries the rows
@@ -493,7 +494,7 @@ def compare(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train every arch with and without ImageNet weights, evaluate each, write one report (resumable)."""
-    from retinocli.compare import compare as run_compare
+    from retinocli.reporting.compare import compare as run_compare
     from retinocli.config import TrainConfig
 
     with user_errors():
@@ -528,8 +529,8 @@ def prepare(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Crop, resize and store every image once (parallel, resumable) so training never decodes a 4k photo."""
-    from retinocli import display
-    from retinocli.prepare import prepare as run_prepare
+    from retinocli.reporting import render as display
+    from retinocli.imaging.cache import prepare as run_prepare
 
     shown = err_console if json_out else console
     with user_errors():
@@ -578,8 +579,8 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """Measure this machine: data pipeline, training step and inference, each against its baseline."""
-    from retinocli import display
-    from retinocli.bench import SECTIONS, Plan, run_bench
+    from retinocli.reporting import render as display
+    from retinocli.reporting.bench import SECTIONS, Plan, run_bench
 
     default_photos = Path("../shared/data/kaggle-sample10")
     with user_errors():
@@ -611,7 +612,7 @@ def bench(
 
 
 def _list_archs(json_out: bool) -> None:
-    from retinocli.models import ARCHS, parameter_count, weight_names
+    from retinocli.models.registry import ARCHS, parameter_count, weight_names
 
     rows = [{"arch": a, "parameters": parameter_count(a), "weights": weight_names(a)} for a in ARCHS]
     if json_out:

@@ -4,10 +4,10 @@ Workers decode and crop only and hand over uint8 batches; :class:`BatchAugment` 
 rotates (and for ``strong`` translates and scales) every image of the batch with a single
 ``grid_sample`` call, then jitters brightness, contrast, saturation (and hue) with one
 per-image 3x3 colour matrix applied to the whole batch by one ``baddbmm``, on whatever device
-the model is on; :func:`retinocli.train.to_input` normalises after it.
+the model is on; :func:`retinocli.engine.trainer.to_input` normalises after it.
 
 The presets draw from the same ranges as the per-image torchvision presets in
-:func:`retinocli.data.augmentation`. What differs, by design: the colour operations run in a
+:func:`retinocli.engine.dataset.augmentation`. What differs, by design: the colour operations run in a
 fixed order (brightness, contrast, saturation, hue) instead of a random one and are clamped to
 [0, 1] once, after all four, rather than after each; hue is turned by a rotation of the YIQ
 chroma plane (a linear map) rather than through HSV; pixels stay float throughout (no

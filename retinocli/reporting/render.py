@@ -333,7 +333,7 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
     """
     from rich.markup import escape
 
-    from retinocli.metrics import REFERABLE_GRADE
+    from retinocli.reporting.metrics import REFERABLE_GRADE
 
     graded = summary.graded
     table = Table(title="predicted grades", title_justify="left")

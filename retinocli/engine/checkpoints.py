@@ -107,7 +107,7 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
         RetinoError: unreadable checkpoint, no preprocessing settings, or weights that do not fit
             the stored architecture.
     """
-    from retinocli.models import build_model
+    from retinocli.models.registry import build_model
 
     state = load_checkpoint(path, map_location=map_location)
     if not isinstance(state.get("preprocess"), dict):

@@ -34,7 +34,7 @@ import numpy as np
 
 from retinocli import __version__
 from retinocli.errors import RetinoError
-from retinocli.preprocess import Preprocess, to_batch
+from retinocli.imaging.preprocess import Preprocess, to_batch
 
 if TYPE_CHECKING:
     import onnx

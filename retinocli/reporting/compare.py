@@ -52,7 +52,7 @@ class CompareResult:
 
 def grid(archs: list[str], pretrained: str) -> list[Cell]:
     """Cells in the order they train: per architecture, ImageNet first, then scratch."""
-    from retinocli.models import check_arch
+    from retinocli.models.registry import check_arch
 
     if pretrained not in PRETRAINED_CHOICES:
         raise RetinoError(f"--pretrained must be one of {', '.join(PRETRAINED_CHOICES)}, got {pretrained!r}")
@@ -79,7 +79,7 @@ def _cell_config(base: TrainConfig, cell: Cell, parent: Path) -> TrainConfig:
 
 
 def _trained_epochs(run: Path) -> int:
-    from retinocli.checkpoint import load_checkpoint
+    from retinocli.engine.checkpoints import load_checkpoint
 
     last = RunDir(run).last
     return int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
@@ -91,10 +91,10 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
 
     ``on_epoch_end(cell_name, epoch, row)`` is called after every epoch of every cell.
     """
-    from retinocli.evaluate import evaluate
-    from retinocli.models import load_imagenet_state
-    from retinocli.report import write_report
-    from retinocli.train import train
+    from retinocli.reporting.evaluate import evaluate
+    from retinocli.models.registry import load_imagenet_state
+    from retinocli.reporting.report import write_report
+    from retinocli.engine.trainer import train
 
     say = console.print if console is not None else (lambda *a, **k: None)
     cells = grid(archs, pretrained)
@@ -112,7 +112,7 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
     # Fail before hours of training, not in the middle: the split to evaluate on must exist and
     # every pretrained cell needs its weights.
     if split != "val":  # training carves a validation split when the dataset has none
-        from retinocli.layouts import load_dataset
+        from retinocli.data.layouts import load_dataset
 
         records = load_dataset(base.data, layout=base.layout, images=base.images).records
         if not (records["split"].eq(split) & records["grade"].notna()).any():

@@ -4,7 +4,7 @@ The file holds the eval-mode network (dynamic batch axis, outputs ``logits`` and
 in ``metadata_props``, everything prediction needs: grade names, preprocessing, architecture,
 weights, metrics at export, and where it came from by name and hash (the run's name, the
 checkpoint's file name and SHA-256; never a path of the exporting machine)
-(:func:`retinocli.runtime.metadata_props`). Before it is put in
+(:func:`retinocli.deploy.onnx_model.metadata_props`). Before it is put in
 place it passes ``onnx.checker``'s full check and a parity check against PyTorch on real images
 from the run. ``--fp16`` halves the weights for GPUs; ``--int8`` quantises statically (QDQ,
 per-channel) with calibration images from the training split, and measures the accuracy it costs
@@ -26,7 +26,7 @@ import numpy as np
 
 from retinocli import __version__
 from retinocli.errors import RetinoError
-from retinocli.preprocess import Preprocess, load_and_prepare, to_batch
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
 
 OPSET = 18
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |probability difference| allowed
@@ -56,7 +56,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
            int8: bool = False, opset: int = OPSET, force: bool = False,
            calibration_images: int = CALIBRATION_IMAGES, console=None) -> ExportResult:
     """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc."""
-    from retinocli.checkpoint import load_trained
+    from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
 
     if fp16 and int8:
@@ -185,7 +185,7 @@ def _at_opset(proto, opset: int):
 
 def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
     """The retino metadata; the run and checkpoint by name and hash, never by path."""
-    from retinocli.runtime import file_sha256, set_metadata
+    from retinocli.deploy.onnx_model import file_sha256, set_metadata
 
     cfg = state["config"]
     scalars = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
@@ -272,7 +272,7 @@ def _parity(wrapped, path: Path, x: np.ndarray, precision: str, notes: list[str]
 def _quantize(fp32_path: Path, out: Path, rows, split_csv: Path, prep: Preprocess, n_calib: int,
               say) -> dict[str, Any]:
     """Static QDQ int8, per-channel weights, calibrated on training images; val accuracy before/after."""
-    from retinocli.evaluate import open_model, score_paths
+    from retinocli.reporting.evaluate import open_model, score_paths
 
     if rows is None:
         raise RetinoError(f"--int8 calibrates on the run's training images, but {split_csv} is missing")

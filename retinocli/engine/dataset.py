@@ -1,6 +1,6 @@
 """Torch side of the data: splits, the Dataset, augmentation presets, samplers, loaders.
 
-Images are decoded and resized by :mod:`retinocli.preprocess` (numpy/PIL, shared with the
+Images are decoded and resized by :mod:`retinocli.imaging.preprocess` (numpy/PIL, shared with the
 ONNX predictor) and leave the workers as uint8 tensors; normalisation happens on the
 training device, which moves four times fewer bytes than float32 would.
 """
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from retinocli import NUM_GRADES
 from retinocli.errors import RetinoError
-from retinocli.preprocess import Preprocess, load_and_prepare
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,7 +86,7 @@ def augmentation(preset: str):
     """Per-image augmentation presets on uint8 CHW tensors, run in the loader workers.
 
     A fundus has no up: rotate the full circle. ``retino train`` uses these only with
-    ``--augment-on workers``; by default :class:`retinocli.augment.BatchAugment` draws from the
+    ``--augment-on workers``; by default :class:`retinocli.engine.augment.BatchAugment` draws from the
     same ranges and turns whole batches on the device.
     """
     from torchvision.transforms import InterpolationMode

@@ -51,7 +51,7 @@ GRADE_FOLDER_NAMES = {"0": 0, "1": 1, "2": 2, "3": 3, "4": 4,
                       "moderate": 2, "moderatenpdr": 2,
                       "severe": 3, "severenpdr": 3,
                       "proliferative": 4, "proliferativedr": 4, "proliferatedr": 4, "pdr": 4}
-# The two files `retino prepare` writes at the root of a cache (see retinocli.prepare).
+# The two files `retino prepare` writes at the root of a cache (see retinocli.imaging.cache).
 CACHE_MANIFEST = "retino-cache.json"
 CACHE_LABELS = "labels.csv"
 CACHE_FORMAT = 1

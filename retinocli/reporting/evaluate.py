@@ -2,10 +2,10 @@
 onnxruntime, the same images, the same numbers.
 
 Both back ends see identical inputs: images are decoded and prepared with numpy/PIL in threads
-(:func:`retinocli.predict.decode_batches`, the predictor's own pipeline) and normalised by
-:func:`retinocli.preprocess.to_batch`; only the forward pass differs. ``evaluate`` writes
-``metrics.json`` (:func:`retinocli.metrics.summarize` plus where the numbers came from) and
-``predictions.csv`` (one row per image, :mod:`retinocli.schema` with ``true_grade``) and
+(:func:`retinocli.deploy.predict.decode_batches`, the predictor's own pipeline) and normalised by
+:func:`retinocli.imaging.preprocess.to_batch`; only the forward pass differs. ``evaluate`` writes
+``metrics.json`` (:func:`retinocli.reporting.metrics.summarize` plus where the numbers came from) and
+``predictions.csv`` (one row per image, :mod:`retinocli.deploy.schema` with ``true_grade``) and
 returns them.
 
 torch is imported only when a checkpoint is evaluated; an ONNX model evaluates without it.
@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from retinocli import GRADE_NAMES, metrics
+from retinocli import GRADE_NAMES
+from retinocli.reporting import metrics
 from retinocli.errors import RetinoError, atomic_write
-from retinocli.preprocess import Preprocess, to_batch
+from retinocli.imaging.preprocess import Preprocess, to_batch
 
 SPLITS = ("train", "val", "test")
 
@@ -57,7 +58,7 @@ def open_model(target: str | Path | None, *, device: str = "auto", provider: str
 
 
 def _onnx_backend(path: Path, provider: str, threads: int | None) -> Backend:
-    from retinocli.runtime import OnnxGrader
+    from retinocli.deploy.onnx_model import OnnxGrader
 
     grader = OnnxGrader(path, provider=provider, threads=threads)
     info = grader.info
@@ -75,7 +76,7 @@ def _run_dir_of(path: Path, info) -> Path | None:
     The metadata names the checkpoint and its SHA-256, never a path (a model travels); the
     model's own folder is its run when it holds that checkpoint, byte for byte.
     """
-    from retinocli.runtime import file_sha256
+    from retinocli.deploy.onnx_model import file_sha256
 
     folder = path.parent
     ckpt = folder / info.checkpoint if info.checkpoint else None
@@ -87,9 +88,9 @@ def _run_dir_of(path: Path, info) -> Path | None:
 def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
     import torch
 
-    from retinocli.checkpoint import load_trained
+    from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
-    from retinocli.train import pick_device
+    from retinocli.engine.trainer import pick_device
 
     ckpt = RunDir.resolve_checkpoint(target)
     model, state = load_trained(ckpt)
@@ -152,7 +153,7 @@ def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_
 
     A path listed twice (a duplicated label row) is decoded once and scored on both rows.
     """
-    from retinocli.predict import decode_batches
+    from retinocli.deploy.predict import decode_batches
 
     k = len(backend.grade_names)
     unique = list(dict.fromkeys(paths))
@@ -184,7 +185,7 @@ def split_records(backend: Backend, *, data: str | Path | None, split: str, layo
     The run's own split.csv is the only place its carved-out validation split exists, and it
     records the test split the run was trained beside.
     """
-    from retinocli.layouts import load_dataset
+    from retinocli.data.layouts import load_dataset
     from retinocli.rundir import RunDir
 
     if split not in SPLITS:
@@ -296,8 +297,8 @@ def _rounded(a: np.ndarray) -> list[float]:
 
 def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray,
                        grade_names: tuple[str, ...]) -> None:
-    """predictions.csv (:mod:`retinocli.schema`, labelled), written whole and then renamed."""
-    from retinocli import schema
+    """predictions.csv (:mod:`retinocli.deploy.schema`, labelled), written whole and then renamed."""
+    from retinocli.deploy import schema
 
     def write(fh) -> None:
         writer = schema.RowWriter(fh, schema.columns(len(grade_names), labelled=True))

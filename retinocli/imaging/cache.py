@@ -3,7 +3,7 @@
 A 2-5k px Kaggle JPEG decodes at about 25 images/s per core, draft mode included, while a
 GPU trains a ResNet18 at 512 px on thousands per second. :func:`prepare` writes every image
 found on disk as exactly the uint8 pixels ``load_and_prepare(path, Preprocess(size, mode))``
-gives for it, into a folder that :func:`retinocli.layouts.load_dataset` reads back as the
+gives for it, into a folder that :func:`retinocli.data.layouts.load_dataset` reads back as the
 ``cache`` layout::
 
     OUT/retino-cache.json       settings (size, mode, fmt, quality, source), count, failed images
@@ -46,9 +46,9 @@ from PIL import Image
 
 from retinocli import __version__
 from retinocli.errors import RetinoError
-from retinocli.layouts import (CACHE_FORMAT, CACHE_LABELS, CACHE_MANIFEST, IMAGE_EXTENSIONS, Dataset,
+from retinocli.data.layouts import (CACHE_FORMAT, CACHE_LABELS, CACHE_MANIFEST, IMAGE_EXTENSIONS, Dataset,
                                load_dataset, read_cache_manifest)
-from retinocli.preprocess import Preprocess, load_and_prepare
+from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -346,7 +346,7 @@ class Rate:
 def _ticker(progress, total: int, done: int, rate: Rate) -> Callable[[], None]:
     """One call per image finished; images already in the cache count as done from the start.
 
-    A rich Progress task carries ``rate`` in its fields, which :func:`retinocli.display.progress_bar`
+    A rich Progress task carries ``rate`` in its fields, which :func:`retinocli.reporting.render.progress_bar`
     shows instead of rich's own estimate, so the bar ends on the number the summary prints.
     """
     if progress is None:

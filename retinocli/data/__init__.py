@@ -1,0 +1,1 @@
+"""Datasets on disk: layouts -> records, splits, stats, the demo data. No torch."""

@@ -1,0 +1,1 @@
+"""Training: Dataset and loader, augmentation, the trainer, placement, checkpoints."""

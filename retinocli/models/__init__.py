@@ -1,0 +1,1 @@
+"""Architectures: the registry, ImageNet weights, the grading head."""

@@ -1,0 +1,1 @@
+"""Measuring and showing: metrics (numpy), evaluate, figures, report.md, rendering, compare, bench."""
