@@ -100,7 +100,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
         _set_metadata(proto, state, ckpt, precision)
         if precision == "int8":
             onnx.save(proto, exported)
-            quantization = _quantize(exported, final, rows, split_csv, prep, calibration_images, say)
+            quantization = _quantize(exported, final, rows, RunDir.of(ckpt).split, prep, calibration_images, say)
         else:
             onnx.save(proto, final)
         try:
