@@ -11,7 +11,7 @@ Public API (one-line contracts; details in each docstring):
 
 * :func:`patient_ids` / :func:`patient_table`: images -> patients, worse eye decides.
 * :func:`bootstrap_ci`: seeded percentile intervals, resampling patients when known.
-* :func:`paired_bootstrap`: the difference between two models on the same images.
+* :func:`paired_bootstrap` / :func:`paired_arrays`: two models on the same images.
 * :func:`choose_threshold` / :func:`operating_point`: a referral threshold frozen on validation.
 * :func:`fit_fusion` / :func:`apply_fusion` / :func:`fuse` / :func:`check_fusion`: fellow-eye fusion.
 * :func:`summarise_seeds`: mean and sd of each metric over runs.
@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
-    "METRICS", "apply_fusion", "bootstrap_ci", "check_fusion", "choose_threshold", "fellow_probs",
-    "fit_fusion", "fuse", "operating_point", "paired_bootstrap", "patient_ids", "patient_table",
-    "prediction_arrays", "summarise_seeds",
+    "METRICS", "apply_fusion", "bootstrap_ci", "check_fusion", "choose_threshold",
+    "fellow_probs", "fit_fusion", "fuse", "operating_point", "paired_arrays",
+    "paired_bootstrap", "patient_ids", "patient_table", "prediction_arrays", "summarise_seeds",
 ]
 
 #: The headline metrics :func:`bootstrap_ci` reports, in order.
@@ -56,6 +56,9 @@ _CHUNK_CELLS = 4_000_000
 def patient_ids(images: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Patient and eye of every image name (``10_left`` -> ``10``, ``left``).
 
+    A frame's ``patient`` and ``eye`` columns, when present, take precedence over these
+    everywhere in this module (datasets whose names carry no ids can supply them).
+
     An image whose name carries no patient id is its own patient (its name) with eye None,
     so clustering on these ids never merges unrelated images.
     """
@@ -65,11 +68,24 @@ def patient_ids(images: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return patients, np.array([e for _, e in pe], dtype=object)
 
 
+def _ids(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Patient and eye per row: the ``patient``/``eye`` columns when present, else parsed."""
+    patients, eyes = patient_ids(df[IMAGE].astype(str).tolist())
+    if PATIENT in df.columns:
+        patients = df[PATIENT].astype(str).to_numpy(dtype=object)
+    if EYE in df.columns:
+        eyes = np.array([e if isinstance(e, str) else None for e in df[EYE]], dtype=object)
+    return patients, eyes
+
+
+def _ok_mask(df: pd.DataFrame) -> np.ndarray:
+    """Rows with a prediction: unreadable images (status error) carry none."""
+    ok = df[PREDICTED_GRADE].notna().to_numpy()
+    return ok & (df[STATUS].astype(str) == OK).to_numpy() if STATUS in df.columns else ok
+
+
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows with a prediction: unreadable images (status error) carry none."""
-    if STATUS in df.columns:
-        df = df[df[STATUS].astype(str) == OK]
-    return df[df[PREDICTED_GRADE].notna()]
+    return df[_ok_mask(df)]
 
 
 def patient_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,12 +113,7 @@ def patient_table(df: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd
 
     df = _ok(df).copy()
-    patients, eyes = patient_ids(df[IMAGE].astype(str).tolist())
-    if PATIENT not in df.columns:
-        df[PATIENT] = patients
-    if EYE not in df.columns:
-        df[EYE] = eyes
-    df[PATIENT] = df[PATIENT].astype(str)
+    df[PATIENT], df[EYE] = _ids(df)
     grades = [c for c in (TRUE_GRADE, PREDICTED_GRADE) if c in df.columns]
     for c in grades:
         df[c] = df[c].astype(np.int64)
@@ -129,6 +140,9 @@ def prediction_arrays(df: pd.DataFrame, *, by_patient: bool = True) -> dict[str,
 
     ``groups`` are the patient ids (:func:`patient_ids`) when ``by_patient``, else None.
     """
+    if TRUE_GRADE not in df.columns:
+        raise RetinoError("these predictions hold no true grades: use the predictions.csv "
+                          "that `retino evaluate` wrote")
     df = _ok(df)
     k = sum(1 for c in df.columns if str(c).startswith("prob_"))
     return {
@@ -136,8 +150,29 @@ def prediction_arrays(df: pd.DataFrame, *, by_patient: bool = True) -> dict[str,
         "y_pred": df[PREDICTED_GRADE].to_numpy(np.int64),
         "probs": df[[prob_column(j) for j in range(k)]].to_numpy(np.float64),
         "referable_score": df[REFERABLE_PROB].to_numpy(np.float64),
-        "groups": patient_ids(df[IMAGE].astype(str).tolist())[0] if by_patient else None,
+        "groups": _ids(df)[0] if by_patient else None,
     }
+
+
+def paired_arrays(a: pd.DataFrame, b: pd.DataFrame, *, by_patient: bool = True) -> dict[str, Any]:
+    """``y_true``, ``probs_a``, ``probs_b`` and ``groups`` of two models' labelled predictions
+    on the same images, aligned by image name: the arguments of :func:`paired_bootstrap`.
+
+    Raises:
+        RetinoError: when the two frames do not hold the same images with the same grades.
+    """
+    x, y = (prediction_arrays(f, by_patient=by_patient) | {"image": _ok(f)[IMAGE].astype(str)}
+            for f in (a, b))
+    if sorted(x["image"]) != sorted(y["image"]) or x["image"].duplicated().any():
+        raise RetinoError("the two predictions files do not hold the same images once each: a "
+                          "paired comparison needs both models on the same test set")
+    order = np.argsort(x["image"].to_numpy())
+    other = np.argsort(y["image"].to_numpy())
+    if not np.array_equal(x["y_true"][order], y["y_true"][other]):
+        raise RetinoError("the two predictions files give some images different true grades")
+    return {"y_true": x["y_true"][order], "probs_a": x["probs"][order],
+            "probs_b": y["probs"][other],
+            "groups": None if x["groups"] is None else x["groups"][order]}
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -381,7 +416,7 @@ def fellow_probs(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """
     k = sum(1 for c in df.columns if str(c).startswith("prob_"))
     probs = df[[prob_column(j) for j in range(k)]].to_numpy(np.float64)
-    patients, eyes = patient_ids(df[IMAGE].astype(str).tolist())
+    patients, eyes = _ids(df)
     sums: dict[tuple[str, str], np.ndarray] = {}
     counts: dict[tuple[str, str], int] = {}
     for p, e, row in zip(patients, eyes, probs):
@@ -470,7 +505,7 @@ def apply_fusion(df: pd.DataFrame, model: Mapping[str, Any]) -> pd.DataFrame:
     Fellows are looked up among the rows of ``df`` itself, so pass both eyes together.
     """
     out = df.copy()
-    ok = (out[STATUS].astype(str) == OK).to_numpy() if STATUS in out else out[PREDICTED_GRADE].notna().to_numpy()
+    ok = _ok_mask(out)
     sub = out[ok]
     fellow, has = fellow_probs(sub)
     k = int(check_fusion(model)["num_grades"])

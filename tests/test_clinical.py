@@ -52,7 +52,7 @@ def onehot(g, hi=0.7):
     return p
 
 
-def test_patient_table_worse_eye_decides_hand_worked():
+def test_patient_table_worse_eye_decides_hand_worked(tmp_path):
     images = ["10_left.jpeg", "10_right.jpeg", "11_left", "img_a.jpg", "12_right", "12_left"]
     true = [1, 3, 0, 2, 0, 4]
     pred = [0, 2, 1, 2, 0, 0]
@@ -71,6 +71,14 @@ def test_patient_table_worse_eye_decides_hand_worked():
     assert t.loc["11", "predicted_grade"] == 1 and not t.loc["11", "predicted_referable"]
     assert t.loc["12", "images"] == 1 and t.loc["12", "true_grade"] == 0  # 12_left failed
     assert t.loc["img_a.jpg", "eyes"] == "" and t.loc["img_a.jpg", "true_grade"] == 2
+    # ids supplied as columns override the names: IDRiD-like names, one patient
+    named = df.assign(image=[f"IDRiD_{i:03d}" for i in range(6)], patient="p1")
+    assert c.patient_table(named)[["patient", "images", "true_grade"]].values.tolist() == [["p1", 5, 3]]
+    assert set(c.prediction_arrays(named)["groups"]) == {"p1"}
+    # the same from the CSV evaluate writes (empty cells for the unreadable image)
+    df.to_csv(tmp_path / "predictions.csv", index=False)
+    again = c.patient_table(pd.read_csv(tmp_path / "predictions.csv")).set_index("patient")
+    pd.testing.assert_frame_equal(again, t, check_dtype=False, check_index_type=False)
 
 
 def test_patient_ids_images_without_ids_are_their_own_patients():
@@ -281,16 +289,19 @@ def both_eye_frame(n_patients, seed):
 
 def test_fusion_improves_accuracy_when_the_fellow_eye_is_informative():
     val, test = both_eye_frame(600, 0), both_eye_frame(600, 1)
+    test.loc[0, ["predicted_grade", "prob_0", "status"]] = [None, None, "error"]  # unreadable
     model = c.fit_fusion(val)
     model = json.loads(json.dumps(model))  # what a checkpoint or ONNX metadata holds
     fused = c.apply_fusion(test, model)
-    before = m.accuracy(test["true_grade"], test["predicted_grade"])
+    assert fused.loc[0, "status"] == "error" and pd.isna(fused.loc[0, "predicted_grade"])
+    fused, test = fused.iloc[1:], test.iloc[1:]
+    before = m.accuracy(test["true_grade"], test["predicted_grade"].astype(int))
     after = m.accuracy(fused["true_grade"], fused["predicted_grade"].astype(int))
     assert after > before + 0.05
     probs = fused[[f"prob_{k}" for k in range(5)]].to_numpy(float)
     assert np.allclose(probs.sum(1), 1)
     assert np.allclose(fused["referable_prob"], probs[:, 2:].sum(1))
-    assert (fused["grade_name"] == [GRADE_NAMES[g] for g in fused["predicted_grade"]]).all()
+    assert (fused["grade_name"] == [GRADE_NAMES[int(g)] for g in fused["predicted_grade"]]).all()
 
 
 def test_fellow_probs_pairs_left_with_right():
@@ -335,6 +346,27 @@ def test_paired_bootstrap_verdicts():
         - skm.cohen_kappa_score(t, weak.argmax(1), weights="quadratic"))
     for r in better.values():
         assert r["low"] > 0 and r["verdict"] == "distinguishable from zero"
+
+
+def test_paired_arrays_align_two_files_by_image():
+    rng = np.random.default_rng(1)
+    names = [f"{i // 2}_{('left', 'right')[i % 2]}" for i in range(40)]
+    t = rng.integers(0, 5, 40)
+    pa, pb = noisy_probs(rng, t), noisy_probs(rng, t)
+    a, b = frame(names, t, pa), frame(names, t, pb).iloc[::-1]  # b in another order
+    x = c.paired_arrays(a, b)
+    order = np.argsort(names)
+    assert np.array_equal(x["y_true"], t[order])
+    assert np.allclose(x["probs_a"], pa[order], atol=1e-6) and np.allclose(x["probs_b"], pb[order], atol=1e-6)
+    assert x["groups"].tolist() == [n.split("_")[0] for n in np.array(names)[order]]
+    r = c.paired_bootstrap(**x, n_boot=50)
+    assert r["unit"] == "patient" and r["n_units"] == 20
+    with pytest.raises(RetinoError, match="same images"):
+        c.paired_arrays(a, b.iloc[1:])
+    with pytest.raises(RetinoError, match="different true grades"):
+        c.paired_arrays(a, b.assign(true_grade=(b["true_grade"] + 1) % 5))
+    with pytest.raises(RetinoError, match="no true grades"):
+        c.prediction_arrays(a.drop(columns="true_grade"))
 
 
 def test_summarise_seeds_matches_statistics():
