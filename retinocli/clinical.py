@@ -210,9 +210,10 @@ def _weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np
     """
     order = np.argsort(scores, kind="stable")
     s, pos, w = scores[order], positive[order], w[:, order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # one block per distinct score
-    wp = np.add.reduceat(w * pos, starts, axis=1)
-    wn = np.add.reduceat(w * ~pos, starts, axis=1)
+    wp, wn = w * pos, w * ~pos
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
+    if starts.size < s.size:  # tied scores: one block per distinct score (skipped when none)
+        wp, wn = np.add.reduceat(wp, starts, axis=1), np.add.reduceat(wn, starts, axis=1)
     below = np.cumsum(wn, axis=1) - wn
     num = (wp * (below + 0.5 * wn)).sum(axis=1)
     den = wp.sum(axis=1) * wn.sum(axis=1)
