@@ -403,3 +403,10 @@ def test_real_eyepacs_patients_and_patient_bootstrap():
     assert (table.set_index("patient")["true_grade"] == worse).all()
     r = c.bootstrap_ci(**c.prediction_arrays(df), n_boot=100)
     assert r["unit"] == "patient" and r["n_units"] == len(table) and r["n_images"] == len(df)
+    # patient-level screening scores: one row per patient, the worse eye's grade
+    pr = c.bootstrap_ci(table["true_grade"], table["predicted_grade"],
+                        referable_score=table["referable_prob"], n_boot=100)["metrics"]
+    assert pr["referable_auc"]["estimate"] == pytest.approx(
+        skm.roc_auc_score(table["true_referable"], table["referable_prob"]))
+    assert pr["qwk"]["estimate"] == pytest.approx(skm.cohen_kappa_score(
+        table["true_grade"], table["predicted_grade"], weights="quadratic"))
