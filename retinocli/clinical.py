@@ -1,0 +1,546 @@
+"""Clinical honesty (#15): patients, confidence intervals, a frozen referral threshold,
+both-eye fusion and seed/paired comparisons.
+
+Screening programmes judge a grader on patients, with confidence intervals, at an operating
+point fixed before the test set is seen (the IDx-DR pivotal trial: sensitivity 87.2 %,
+specificity 90.7 % for referable DR). This module gives each of those from saved
+predictions (the columns of :mod:`retinocli.schema`). Numpy and pandas only;
+scikit-learn is imported by :func:`fit_fusion` alone, never at predict time. No torch.
+
+Public API (one-line contracts; details in each docstring):
+
+* :func:`patient_ids` / :func:`patient_table`: images -> patients, worse eye decides.
+* :func:`bootstrap_ci`: seeded percentile intervals, resampling patients when known.
+* :func:`paired_bootstrap` / :func:`paired_arrays`: two models on the same images.
+* :func:`choose_threshold` / :func:`operating_point`: a referral threshold frozen on validation.
+* :func:`fit_fusion` / :func:`apply_fusion` / :func:`fuse` / :func:`check_fusion`: fellow-eye fusion.
+* :func:`summarise_seeds`: mean and sd of each metric over runs.
+* :func:`prediction_arrays`: the arrays the functions above take, from a predictions frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from retinocli import GRADE_NAMES, NUM_GRADES, metrics
+from retinocli.errors import RetinoError
+from retinocli.layouts import parse_patient_eye
+from retinocli.metrics import REFERABLE_GRADE
+from retinocli.schema import (CONFIDENCE, GRADE_NAME, IMAGE, PREDICTED_GRADE, REFERABLE_PROB,
+                              STATUS, TRUE_GRADE, OK, prob_column)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "METRICS", "apply_fusion", "bootstrap_ci", "check_fusion", "choose_threshold",
+    "fellow_probs", "fit_fusion", "fuse", "operating_point", "paired_arrays",
+    "paired_bootstrap", "patient_ids", "patient_table", "prediction_arrays", "summarise_seeds",
+]
+
+#: The headline metrics :func:`bootstrap_ci` reports, in order.
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "ovr_macro_auc",
+           "referable_auc", "referable_sensitivity", "referable_specificity")
+PATIENT, EYE = "patient", "eye"
+#: Resamples are computed in chunks of at most this many (resample, image) weights.
+_CHUNK_CELLS = 4_000_000
+
+
+# ------------------------------------------------------------------------------ patients
+
+
+def patient_ids(images: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Patient and eye of every image name (``10_left`` -> ``10``, ``left``).
+
+    A frame's ``patient`` and ``eye`` columns, when present, take precedence over these
+    everywhere in this module (datasets whose names carry no ids can supply them).
+
+    An image whose name carries no patient id is its own patient (its name) with eye None,
+    so clustering on these ids never merges unrelated images.
+    """
+    pe = [parse_patient_eye(str(name)) for name in images]
+    patients = np.array([p if p is not None else str(name) for (p, _), name in zip(pe, images)],
+                        dtype=object)
+    return patients, np.array([e for _, e in pe], dtype=object)
+
+
+def _ids(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Patient and eye per row: the ``patient``/``eye`` columns when present, else parsed."""
+    patients, eyes = patient_ids(df[IMAGE].astype(str).tolist())
+    if PATIENT in df.columns:
+        patients = df[PATIENT].astype(str).to_numpy(dtype=object)
+    if EYE in df.columns:
+        eyes = np.array([e if isinstance(e, str) else None for e in df[EYE]], dtype=object)
+    return patients, eyes
+
+
+def _ok_mask(df: pd.DataFrame) -> np.ndarray:
+    """Rows with a prediction: unreadable images (status error) carry none."""
+    ok = df[PREDICTED_GRADE].notna().to_numpy()
+    return ok & (df[STATUS].astype(str) == OK).to_numpy() if STATUS in df.columns else ok
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[_ok_mask(df)]
+
+
+def patient_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient from a predictions frame; the worse eye decides.
+
+    Grading rule: a patient's grade is the worse (higher) grade of their eyes, true and
+    predicted alike, and a patient is referable when that grade is >= 2. The patient's
+    referable probability is the **maximum** over their eyes: thresholding it refers exactly
+    the patients with at least one eye over the threshold, the same rule as for grades. (A
+    product ``1 - prod(1 - p_eye)`` would assume the eyes independent, which fellow eyes are
+    not, and would inflate the score of every two-eye patient.) Several images of one eye
+    are combined by the same worst-case rule.
+
+    Args:
+        df: rows in the predictions schema (``image``, ``predicted_grade``,
+            ``referable_prob``, ``true_grade`` when labelled); a ``patient`` (and ``eye``)
+            column, if present, overrides the ids parsed from the image names.
+
+    Returns:
+        Columns ``patient``, ``images`` (count), ``eyes`` (e.g. ``left,right``; empty when
+        unknown), ``predicted_grade_<eye>`` and ``true_grade_<eye>`` for each eye seen
+        (nullable ints), ``predicted_grade``, ``referable_prob``, ``predicted_referable``
+        and, when labelled, ``true_grade``, ``true_referable``. Sorted by patient.
+    """
+    import pandas as pd
+
+    df = _ok(df).copy()
+    df[PATIENT], df[EYE] = _ids(df)
+    grades = [c for c in (TRUE_GRADE, PREDICTED_GRADE) if c in df.columns]
+    for c in grades:
+        df[c] = df[c].astype(np.int64)
+    g = df.groupby(PATIENT, sort=True)
+    out = pd.DataFrame({
+        "images": g.size(),
+        "eyes": g[EYE].agg(lambda e: ",".join(sorted({str(x) for x in e.dropna()}))),
+    })
+    for eye, sub in df[df[EYE].notna()].groupby(EYE, sort=True):
+        for c in grades:
+            out[f"{c}_{eye}"] = sub.groupby(PATIENT)[c].max().reindex(out.index).astype("Int64")
+    for c in grades:
+        out[c] = g[c].max()
+    out[REFERABLE_PROB] = g[REFERABLE_PROB].max().astype(np.float64)
+    out["predicted_referable"] = out[PREDICTED_GRADE] >= REFERABLE_GRADE
+    if TRUE_GRADE in out:
+        out["true_referable"] = out[TRUE_GRADE] >= REFERABLE_GRADE
+    return out.reset_index()
+
+
+def prediction_arrays(df: pd.DataFrame, *, by_patient: bool = True) -> dict[str, Any]:
+    """``y_true``, ``y_pred``, ``probs``, ``referable_score`` and ``groups`` of a labelled
+    predictions frame: the keyword arguments of :func:`bootstrap_ci`.
+
+    ``groups`` are the patient ids (:func:`patient_ids`) when ``by_patient``, else None.
+    """
+    if TRUE_GRADE not in df.columns:
+        raise RetinoError("these predictions hold no true grades: use the predictions.csv "
+                          "that `retino evaluate` wrote")
+    df = _ok(df)
+    k = sum(1 for c in df.columns if str(c).startswith("prob_"))
+    return {
+        "y_true": df[TRUE_GRADE].to_numpy(np.int64),
+        "y_pred": df[PREDICTED_GRADE].to_numpy(np.int64),
+        "probs": df[[prob_column(j) for j in range(k)]].to_numpy(np.float64),
+        "referable_score": df[REFERABLE_PROB].to_numpy(np.float64),
+        "groups": _ids(df)[0] if by_patient else None,
+    }
+
+
+def paired_arrays(a: pd.DataFrame, b: pd.DataFrame, *, by_patient: bool = True) -> dict[str, Any]:
+    """``y_true``, ``probs_a``, ``probs_b`` and ``groups`` of two models' labelled predictions
+    on the same images, aligned by image name: the arguments of :func:`paired_bootstrap`.
+
+    Raises:
+        RetinoError: when the two frames do not hold the same images with the same grades.
+    """
+    x, y = (prediction_arrays(f, by_patient=by_patient) | {"image": _ok(f)[IMAGE].astype(str)}
+            for f in (a, b))
+    if sorted(x["image"]) != sorted(y["image"]) or x["image"].duplicated().any():
+        raise RetinoError("the two predictions files do not hold the same images once each: a "
+                          "paired comparison needs both models on the same test set")
+    order = np.argsort(x["image"].to_numpy())
+    other = np.argsort(y["image"].to_numpy())
+    if not np.array_equal(x["y_true"][order], y["y_true"][other]):
+        raise RetinoError("the two predictions files give some images different true grades")
+    return {"y_true": x["y_true"][order], "probs_a": x["probs"][order],
+            "probs_b": y["probs"][other],
+            "groups": None if x["groups"] is None else x["groups"][order]}
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _weights(groups: ArrayLike | None, n: int, n_boot: int, seed: int):
+    """Yield ``(chunk, n)`` resampling weights: how often each image is drawn.
+
+    Clusters (patients) are drawn with replacement and carry all their images along, so
+    the two eyes of a patient always enter a resample together. Chunks keep memory flat.
+    """
+    if groups is None:
+        gidx, n_groups = np.arange(n), n
+    else:
+        labels = np.asarray(groups).astype(str)
+        if labels.shape != (n,):
+            raise ValueError(f"groups must hold {n} ids, got shape {labels.shape}")
+        _, gidx = np.unique(labels, return_inverse=True)
+        n_groups = int(gidx.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    step = max(1, _CHUNK_CELLS // max(n, n_groups, 1))
+    for start in range(0, n_boot, step):
+        b = min(step, n_boot - start)
+        draws = rng.integers(0, n_groups, size=(b, n_groups))
+        counts = np.bincount((draws + n_groups * np.arange(b)[:, None]).ravel(),
+                             minlength=b * n_groups).reshape(b, n_groups)
+        yield counts[:, gidx].astype(np.float64)
+
+
+def _weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUC for each row of weights ``w`` (Mann-Whitney, ties count one half).
+
+    With integer weights this is :func:`metrics.roc_auc` on the resampled data; ``nan``
+    where a row has no positive or no negative weight.
+    """
+    order = np.argsort(scores, kind="stable")
+    s, pos, w = scores[order], positive[order], w[:, order]
+    wp, wn = w * pos, w * ~pos
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
+    if starts.size < s.size:  # tied scores: one block per distinct score (skipped when none)
+        wp, wn = np.add.reduceat(wp, starts, axis=1), np.add.reduceat(wn, starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn
+    num = (wp * (below + 0.5 * wn)).sum(axis=1)
+    den = wp.sum(axis=1) * wn.sum(axis=1)
+    return metrics._divide(num, den, float("nan"))
+
+
+def _scorer(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None,
+            referable_score: ArrayLike | None, threshold: float | None,
+            num_classes: int) -> tuple[int, Callable[[np.ndarray], dict[str, np.ndarray]]]:
+    """Validate once; return ``n`` and a function from weights ``(B, n)`` to metric rows."""
+    t, p = metrics._pair(y_true, y_pred, num_classes)
+    n = t.size
+    if n == 0:
+        raise ValueError("cannot bootstrap zero predictions")
+    pr = None if probs is None else metrics._probs(probs, n, num_classes)
+    if referable_score is None and pr is not None:
+        referable_score = pr[:, REFERABLE_GRADE:].sum(axis=1)
+    rs = None if referable_score is None else metrics._scores(referable_score, n, "referable_score")
+    if threshold is not None and rs is None:
+        raise ValueError("a threshold needs a referable score (or probs)")
+    cells = np.eye(num_classes * num_classes)[t * num_classes + p]  # (n, K*K) one-hot
+    ref_true = t >= REFERABLE_GRADE
+    ref_pred = p >= REFERABLE_GRADE if threshold is None else rs >= threshold
+
+    def score(w: np.ndarray) -> dict[str, np.ndarray]:
+        cms = (w @ cells).reshape(-1, num_classes, num_classes)
+        rows = {name: np.array([f(cm) for cm in cms]) for name, f in (
+            ("accuracy", metrics._accuracy), ("balanced_accuracy", metrics._balanced_accuracy),
+            ("macro_f1", metrics._macro_f1), ("qwk", metrics._qwk))}
+        if pr is not None:
+            per_grade = np.stack([_weighted_auc(t == k, pr[:, k], w) for k in range(num_classes)])
+            with np.errstate(all="ignore"):  # an all-nan column is a skipped resample
+                present = (w @ (t[:, None] == np.arange(num_classes))).T > 0
+                macro = np.nanmean(np.where(present, per_grade, np.nan), axis=0)
+            rows["ovr_macro_auc"] = macro
+        if rs is not None:
+            rows["referable_auc"] = _weighted_auc(ref_true, rs, w)
+        pos, neg = w @ ref_true, w @ ~ref_true
+        rows["referable_sensitivity"] = metrics._divide(w @ (ref_true & ref_pred), pos, np.nan)
+        rows["referable_specificity"] = metrics._divide(w @ (~ref_true & ~ref_pred), neg, np.nan)
+        return rows
+
+    return n, score
+
+
+def _interval(estimate: float, samples: np.ndarray, level: float) -> dict[str, Any]:
+    ok = samples[~np.isnan(samples)]
+    lo, hi = (np.percentile(ok, [50 * (1 - level), 50 * (1 + level)]) if ok.size
+              else (np.nan, np.nan))
+    return {"estimate": float(estimate), "low": float(lo), "high": float(hi),
+            "skipped": int(samples.size - ok.size)}
+
+
+def _run(score, n: int, groups, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    chunks = [score(w) for w in _weights(groups, n, n_boot, seed)]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _meta(groups, n: int, n_boot: int, seed: int, level: float) -> dict[str, Any]:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    units = n if groups is None else len(set(np.asarray(groups).astype(str).tolist()))
+    return {"unit": "image" if groups is None else "patient", "n_units": units, "n_images": n,
+            "n_boot": n_boot, "seed": seed, "level": level}
+
+
+def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None = None, *,
+                 referable_score: ArrayLike | None = None, groups: ArrayLike | None = None,
+                 threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95, num_classes: int = NUM_GRADES) -> dict[str, Any]:
+    """Percentile bootstrap intervals for the headline metrics of :data:`METRICS`.
+
+    Each resample draws units with replacement: patients when ``groups`` (one id per
+    image) is given, images otherwise. Every metric is the one of :mod:`retinocli.metrics`
+    on the resampled data (computed from bincount-style weighted confusion matrices, so a
+    resample costs no copy). A metric undefined in a resample (one class only) is left out
+    of that metric's interval and counted in ``skipped``. Same input and seed, same interval.
+
+    Args:
+        y_true, y_pred: grades per image (or per patient, from :func:`patient_table`).
+        probs: ``(n, num_classes)`` probabilities; adds ``ovr_macro_auc`` and, without
+            ``referable_score``, a referable score = the summed probability of grades >= 2.
+        referable_score: the referable-DR score; adds ``referable_auc``.
+        groups: cluster id per row (patient ids); None resamples rows.
+        threshold: referable when ``referable_score >= threshold`` (a frozen operating point,
+            :func:`choose_threshold`); None uses ``y_pred >= 2``.
+        n_boot: resamples. seed: the generator's seed. level: interval coverage.
+
+    Returns:
+        ``{"unit", "n_units", "n_images", "n_boot", "seed", "level", "threshold",
+        "metrics": {name: {"estimate", "low", "high", "skipped"}}}``, JSON-serialisable.
+    """
+    n, score = _scorer(y_true, y_pred, probs, referable_score, threshold, num_classes)
+    meta = _meta(groups, n, n_boot, seed, level)
+    point = score(np.ones((1, n)))
+    samples = _run(score, n, groups, n_boot, seed)
+    return {**meta, "threshold": threshold,
+            "metrics": {k: _interval(point[k][0], samples[k], level) for k in point}}
+
+
+def paired_bootstrap(y_true: ArrayLike, probs_a: ArrayLike, probs_b: ArrayLike, *,
+                     groups: ArrayLike | None = None,
+                     metric_names: Sequence[str] = ("qwk", "referable_auc"),
+                     n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Bootstrap the difference A - B of two models' metrics on the same images.
+
+    Both models are scored on the same resample (patients drawn jointly when ``groups``),
+    so what they share cancels and the interval is that of the difference. Predictions are
+    the argmax of the probabilities, the referable score their sum over grades >= 2.
+
+    Returns:
+        Meta as :func:`bootstrap_ci`, and ``metrics: {name: {"estimate", "low", "high",
+        "skipped", "verdict"}}``; the verdict is ``"distinguishable from zero"`` when the
+        interval excludes 0, else ``"not distinguishable from zero"``.
+    """
+    pa, pb = np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
+    if pa.shape != pb.shape or pa.ndim != 2:
+        raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must be the same (n, K)")
+    scorers = [_scorer(y_true, p.argmax(axis=1), p, None, None, p.shape[1]) for p in (pa, pb)]
+    n = scorers[0][0]
+    meta = _meta(groups, n, n_boot, seed, level)
+    unknown = set(metric_names) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+
+    def diff(w: np.ndarray) -> dict[str, np.ndarray]:
+        a, b = (s(w) for _, s in scorers)
+        return {k: a[k] - b[k] for k in metric_names}
+
+    point = diff(np.ones((1, n)))
+    samples = _run(diff, n, groups, n_boot, seed)
+    out = {}
+    for k in metric_names:
+        r = _interval(point[k][0], samples[k], level)
+        r["verdict"] = ("distinguishable from zero" if r["low"] > 0 or r["high"] < 0
+                        else "not distinguishable from zero")
+        out[k] = r
+    return {**meta, "metrics": out}
+
+
+# ---------------------------------------------------------------------- operating point
+
+
+def operating_point(y_true: ArrayLike, referable_score: ArrayLike, threshold: float) -> dict[str, Any]:
+    """Referable-DR sensitivity and specificity when ``score >= threshold`` refers.
+
+    ``y_true`` are grades (referable when >= 2). Apply a threshold frozen on validation
+    (:func:`choose_threshold`) to the test set; never re-choose it there.
+    """
+    t = metrics._labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
+    refer = metrics._scores(referable_score, t.size, "referable_score") >= threshold
+    c = {"tp": int(np.sum(t & refer)), "fn": int(np.sum(t & ~refer)),
+         "fp": int(np.sum(~t & refer)), "tn": int(np.sum(~t & ~refer))}
+    return {"threshold": float(threshold),
+            "sensitivity": metrics._ratio(c["tp"], c["tp"] + c["fn"]),
+            "specificity": metrics._ratio(c["tn"], c["tn"] + c["fp"]), **c}
+
+
+def choose_threshold(y_true: ArrayLike, referable_score: ArrayLike,
+                     target_sensitivity: float = 0.87) -> dict[str, Any]:
+    """The highest referral threshold whose validation sensitivity is >= the target.
+
+    Candidates are the distinct scores (a case is referred when ``score >= threshold``), so
+    the highest one that reaches the target also has the best specificity among those that
+    do. Ties: images with equal scores are referred together and never split, so the
+    sensitivity reached can exceed the target by more than one case.
+
+    Returns:
+        :func:`operating_point` on the validation data, plus ``target_sensitivity``.
+
+    Raises:
+        RetinoError: a target outside (0, 1], or a validation set with no referable image.
+    """
+    if not 0 < target_sensitivity <= 1:
+        raise RetinoError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    t = metrics._labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
+    if not t.any():
+        raise RetinoError("cannot choose a referral threshold: the validation set has no "
+                          "referable (grade >= 2) image")
+    _, tpr, thresholds = metrics.roc_curve(t, referable_score)
+    # tpr rises as the threshold falls; the first point at the target is the highest threshold.
+    best = float(thresholds[int(np.argmax(tpr >= target_sensitivity - 1e-12))])
+    return {**operating_point(y_true, referable_score, best),
+            "target_sensitivity": float(target_sensitivity)}
+
+
+# -------------------------------------------------------------------------------- fusion
+
+#: Probabilities are clipped here before ``log`` in the fusion features.
+_FUSION_EPS = 1e-6
+FUSION_KIND = "fellow-eye-logistic"
+
+
+def fellow_probs(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The fellow eye's probabilities for every row of a predictions frame.
+
+    The fellow of ``10_left`` is ``10_right`` (the mean if it has several images). Rows
+    without a patient/eye id or whose fellow is absent get zeros and ``has_fellow = False``.
+    """
+    k = sum(1 for c in df.columns if str(c).startswith("prob_"))
+    probs = df[[prob_column(j) for j in range(k)]].to_numpy(np.float64)
+    patients, eyes = _ids(df)
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    counts: dict[tuple[str, str], int] = {}
+    for p, e, row in zip(patients, eyes, probs):
+        if e is not None:
+            sums[p, e] = sums.get((p, e), 0) + row
+            counts[p, e] = counts.get((p, e), 0) + 1
+    fellow, has = np.zeros_like(probs), np.zeros(len(probs), dtype=bool)
+    other = {"left": "right", "right": "left"}
+    for i, (p, e) in enumerate(zip(patients, eyes)):
+        key = (p, other.get(e))
+        if e is not None and key in sums:
+            fellow[i], has[i] = sums[key] / counts[key], True
+    return fellow, has
+
+
+def _features(probs: np.ndarray, fellow: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """``[log own probs, log fellow probs (0 when absent), has_fellow]``.
+
+    Log-probabilities make "ignore the fellow" exactly representable: with unit weights on
+    the own logs and nothing else, the softmax gives back the eye's own probabilities.
+    """
+    has = np.asarray(has, dtype=bool)
+    own = np.log(np.clip(probs, _FUSION_EPS, None))
+    other = np.where(has[:, None], np.log(np.clip(fellow, _FUSION_EPS, None)), 0.0)
+    return np.hstack([own, other, has[:, None].astype(np.float64)])
+
+
+def fit_fusion(df: pd.DataFrame, *, c: float = 1.0) -> dict[str, Any]:
+    """Fit the fellow-eye fusion on a labelled predictions frame (the validation split).
+
+    A multinomial logistic regression (scikit-learn, L2 with inverse strength ``c``) of the
+    true grade on :func:`_features`: the Kaggle 2015 winners' observation that a patient's
+    two eyes are graded alike, learnt rather than hand-set.
+
+    Returns:
+        A plain JSON-serialisable dict (``kind``, ``num_grades``, ``coef``, ``intercept``,
+        ``eps``) for a checkpoint or ONNX metadata; :func:`fuse` applies it with numpy.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    df = _ok(df)
+    arrays = prediction_arrays(df, by_patient=False)
+    fellow, has = fellow_probs(df)
+    k = arrays["probs"].shape[1]
+    present = np.unique(arrays["y_true"])
+    if present.size != k:
+        raise RetinoError(f"cannot fit fusion: the validation set holds grades {present.tolist()}, "
+                          f"not all {k}")
+    lr = LogisticRegression(C=c, max_iter=2000)
+    lr.fit(_features(arrays["probs"], fellow, has), arrays["y_true"])
+    return {"kind": FUSION_KIND, "version": 1, "num_grades": int(k), "eps": _FUSION_EPS,
+            "coef": lr.coef_.tolist(), "intercept": lr.intercept_.tolist()}
+
+
+def check_fusion(model: Mapping[str, Any] | str) -> dict[str, Any]:
+    """A fusion model from its dict or JSON text, checked; RetinoError when malformed."""
+    import json
+
+    try:
+        m = json.loads(model) if isinstance(model, str) else dict(model)
+        k = int(m["num_grades"])
+        coef, intercept = np.asarray(m["coef"], float), np.asarray(m["intercept"], float)
+        ok = m.get("kind") == FUSION_KIND and coef.shape == (k, 2 * k + 1) and intercept.shape == (k,)
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise RetinoError("the stored fellow-eye fusion model is malformed")
+    return m
+
+
+def fuse(probs: ArrayLike, fellow: ArrayLike, has_fellow: ArrayLike,
+         model: Mapping[str, Any]) -> np.ndarray:
+    """Fused probabilities ``softmax(features @ coef.T + intercept)``; numpy only."""
+    m = check_fusion(model)
+    z = (_features(np.asarray(probs, float), np.asarray(fellow, float), np.asarray(has_fellow))
+         @ np.asarray(m["coef"]).T + np.asarray(m["intercept"]))
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def apply_fusion(df: pd.DataFrame, model: Mapping[str, Any]) -> pd.DataFrame:
+    """A copy of a predictions frame with fused probabilities and the columns derived
+    from them (``predicted_grade``, ``grade_name``, ``confidence``, ``referable_prob``).
+
+    Fellows are looked up among the rows of ``df`` itself, so pass both eyes together.
+    """
+    out = df.copy()
+    ok = _ok_mask(out)
+    sub = out[ok]
+    fellow, has = fellow_probs(sub)
+    k = int(check_fusion(model)["num_grades"])
+    cols = [prob_column(j) for j in range(k)]
+    fused = fuse(sub[cols].to_numpy(float), fellow, has, model)
+    grade = fused.argmax(axis=1)
+    names = [*GRADE_NAMES, *(f"Grade {j}" for j in range(len(GRADE_NAMES), k))]
+    out.loc[ok, cols] = fused
+    out.loc[ok, PREDICTED_GRADE] = grade
+    out.loc[ok, CONFIDENCE] = fused.max(axis=1)
+    out.loc[ok, REFERABLE_PROB] = fused[:, REFERABLE_GRADE:].sum(axis=1)
+    if GRADE_NAME in out:
+        out.loc[ok, GRADE_NAME] = [names[g] for g in grade]
+    return out
+
+
+# --------------------------------------------------------------------------------- seeds
+
+
+def summarise_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean ± sample sd (ddof 1; ``nan`` for one run) of each numeric metric over runs.
+
+    Only keys that every run holds as a number are summarised; ``nan`` values are left out
+    of that metric's mean and counted by ``n``.
+    """
+    if not runs:
+        raise ValueError("no runs to summarise")
+    keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) and not isinstance(
+        r.get(k), bool) for r in runs)]
+    out = {}
+    for k in keys:
+        v = np.array([float(r[k]) for r in runs])
+        v = v[~np.isnan(v)]
+        out[k] = {"mean": float(v.mean()) if v.size else float("nan"),
+                  "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+                  "n": int(v.size), "values": v.tolist()}
+    return out
