@@ -1,4 +1,4 @@
-"""Tests for retinocli.clinical and retinocli.calibration: each statistic against an
+"""Tests for retinocli.reporting.clinical and retinocli.reporting.calibration: each statistic against an
 independent computation (scikit-learn, scipy, numpy on explicitly resampled data, or a
 hand-worked example)."""
 
@@ -16,10 +16,10 @@ import pytest
 from sklearn import metrics as skm
 
 from retinocli import GRADE_NAMES, RetinoError
-from retinocli import calibration as cal
-from retinocli import clinical as c
-from retinocli import metrics as m
-from retinocli.schema import make_row
+from retinocli.reporting import calibration as cal
+from retinocli.reporting import clinical as c
+from retinocli.reporting import metrics as m
+from retinocli.deploy.schema import make_row
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -314,7 +314,7 @@ def test_fellow_probs_pairs_left_with_right():
 
 
 def test_fuse_runs_on_numpy_alone_and_checks_its_model():
-    code = ("import json, sys, numpy as np; from retinocli import clinical as c\n"
+    code = ("import json, sys, numpy as np; from retinocli.reporting import clinical as c\n"
             "k = 5; model = {'kind': c.FUSION_KIND, 'version': 1, 'num_grades': k, 'eps': 1e-6,"
             " 'coef': np.hstack([np.eye(k), np.zeros((k, k + 1))]).tolist(), 'intercept': [0.0] * k}\n"
             "p = np.full((2, k), 0.1); p[:, 0] = 0.6\n"
@@ -380,7 +380,7 @@ def test_summarise_seeds_matches_statistics():
 
 
 def test_modules_import_without_torch_sklearn_or_scipy():
-    code = ("import sys; import retinocli.clinical, retinocli.calibration\n"
+    code = ("import sys; import retinocli.reporting.clinical, retinocli.reporting.calibration\n"
             "print(sorted(m for m in ('sklearn', 'scipy', 'torch') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr

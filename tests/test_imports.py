@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config",
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
-              "retinocli.reporting.metrics")
+              "retinocli.reporting.metrics", "retinocli.reporting.clinical",
+              "retinocli.reporting.calibration")
 TORCH_ALLOWED = ("retinocli.deploy.export",)  # torch -> ONNX needs torch
 
 

@@ -4,7 +4,7 @@ both-eye fusion and seed/paired comparisons.
 Screening programmes judge a grader on patients, with confidence intervals, at an operating
 point fixed before the test set is seen (the IDx-DR pivotal trial: sensitivity 87.2 %,
 specificity 90.7 % for referable DR). This module gives each of those from saved
-predictions (the columns of :mod:`retinocli.schema`). Numpy and pandas only;
+predictions (the columns of :mod:`retinocli.deploy.schema`). Numpy and pandas only;
 scikit-learn is imported by :func:`fit_fusion` alone, never at predict time. No torch.
 
 Public API (one-line contracts; details in each docstring):
@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from retinocli import GRADE_NAMES, NUM_GRADES, metrics
+from retinocli import GRADE_NAMES, NUM_GRADES
+from retinocli.reporting import metrics
 from retinocli.errors import RetinoError
-from retinocli.layouts import parse_patient_eye
-from retinocli.metrics import REFERABLE_GRADE
-from retinocli.schema import (CONFIDENCE, GRADE_NAME, IMAGE, PREDICTED_GRADE, REFERABLE_PROB,
+from retinocli.data.layouts import parse_patient_eye
+from retinocli.reporting.metrics import REFERABLE_GRADE
+from retinocli.deploy.schema import (CONFIDENCE, GRADE_NAME, IMAGE, PREDICTED_GRADE, REFERABLE_PROB,
                               STATUS, TRUE_GRADE, OK, prob_column)
 
 if TYPE_CHECKING:
@@ -289,7 +290,7 @@ def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None =
     """Percentile bootstrap intervals for the headline metrics of :data:`METRICS`.
 
     Each resample draws units with replacement: patients when ``groups`` (one id per
-    image) is given, images otherwise. Every metric is the one of :mod:`retinocli.metrics`
+    image) is given, images otherwise. Every metric is the one of :mod:`retinocli.reporting.metrics`
     on the resampled data (computed from bincount-style weighted confusion matrices, so a
     resample costs no copy). A metric undefined in a resample (one class only) is left out
     of that metric's interval and counted in ``skipped``. Same input and seed, same interval.
