@@ -9,6 +9,7 @@ A training run lives in ``<project>/<name>/``::
     last.pt          the training state to resume (MODEL_KEYS + RESUME_KEYS)
     metrics.json     what ``retino evaluate`` measured
     predictions.csv  evaluate's row per image (reporting.schema)
+    patients.csv     evaluate's row per patient (the worse eye decides), where names carry patients
     model.onnx       ``retino export``'s model (model-fp16.onnx, model-int8.onnx)
     compare.json     a comparison's plan (in the comparison's parent folder)
 
@@ -89,6 +90,7 @@ class RunDir:
     LAST: ClassVar[str] = "last.pt"
     METRICS: ClassVar[str] = "metrics.json"
     PREDICTIONS: ClassVar[str] = "predictions.csv"
+    PATIENTS: ClassVar[str] = "patients.csv"
     COMPARE_PLAN: ClassVar[str] = "compare.json"
     MODEL_GLOB: ClassVar[str] = "*.onnx"
 
@@ -193,6 +195,10 @@ class RunDir:
     def predictions(self, out: str | Path | None = None) -> Path:
         """evaluate's predictions.csv, in the run folder or in ``out``."""
         return Path(out or self.path) / self.PREDICTIONS
+
+    def patients(self, out: str | Path | None = None) -> Path:
+        """evaluate's patients.csv, in the run folder or in ``out``."""
+        return Path(out or self.path) / self.PATIENTS
 
     def model(self, precision: str = "fp32") -> Path:
         """Where ``retino export`` writes a model of this precision."""

@@ -124,3 +124,50 @@ def test_cli_evaluate_bad_input(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     junk = runner.invoke(app, ["evaluate", str(tmp_path / "junk.pt")])
     assert junk.exit_code == 2 and "Traceback" not in junk.output
+
+
+def test_intervals_and_patients(run_copy, tmp_path):
+    """Every headline metric has a seeded bootstrap interval around its point estimate; names
+    like 10_left give patients.csv (the worse eye decides) scored on its own."""
+    import pandas as pd
+
+    result = evaluate(run_copy, split="test", bootstrap=200, seed=3)
+    report, m = result.report, result.report["metrics"]
+    ci = report["intervals"]
+    assert ci["unit"] == "patient" and ci["n_boot"] == 200 and ci["seed"] == 3
+    for key, value in (("accuracy", m["accuracy"]), ("qwk", m["qwk"]), ("macro_f1", m["macro_f1"]),
+                       ("balanced_accuracy", m["balanced_accuracy"]),
+                       ("referable_sensitivity", m["referable"]["sensitivity"]),
+                       ("referable_auc", m["referable"]["auc"]), ("ovr_macro_auc", m["ovr_macro_auc"])):
+        entry = ci["metrics"][key]
+        assert entry["estimate"] == pytest.approx(value, abs=1e-9), key
+        assert entry["low"] <= entry["estimate"] <= entry["high"], key
+        assert entry["low"] < entry["high"] or entry["estimate"] in (0.0, 1.0), key  # only a perfect score is exact
+    # the same seed gives the same intervals; another seed other ones
+    same = evaluate(run_copy, split="test", bootstrap=200, seed=3, out=tmp_path / "same").report["intervals"]
+    other = evaluate(run_copy, split="test", bootstrap=200, seed=4, out=tmp_path / "other").report["intervals"]
+    assert same == ci and other["metrics"]["accuracy"] != ci["metrics"]["accuracy"]
+
+    # patients.csv, checked against pandas on predictions.csv
+    preds = pd.read_csv(result.predictions_path)
+    preds["patient"] = preds["image"].str.split("_").str[0]
+    expected = preds.groupby("patient")[["true_grade", "predicted_grade"]].max()
+    patients = pd.read_csv(run_copy / "patients.csv", dtype={"patient": str}).set_index("patient")
+    assert len(patients) == len(expected) == report["patients"]["n"]
+    assert (patients.loc[expected.index, ["true_grade", "predicted_grade"]] == expected).all().all()
+    assert (patients["true_referable"] == (patients["true_grade"] >= 2)).all()
+    pm = report["patients"]["metrics"]
+    assert pm["qwk"] == pytest.approx(cohen_kappa_score(expected["true_grade"], expected["predicted_grade"],
+                                                        weights="quadratic"), abs=1e-9)
+    auc = roc_auc_score(patients["true_grade"] >= 2, patients["referable_prob"])
+    assert report["patients"]["intervals"]["metrics"]["referable_auc"]["estimate"] == pytest.approx(auc, abs=1e-9)
+
+
+def test_cli_evaluate_shows_intervals_and_patients(run_copy):
+    result = runner.invoke(app, ["evaluate", str(run_copy), "--bootstrap", "100"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in ("95% interval", "100 bootstrap resamples of patients", "patients:", "worse eye",
+                 "patients.csv"):
+        assert text in result.stdout, text
+    bad = runner.invoke(app, ["evaluate", str(run_copy), "--force", "--bootstrap", "2"])
+    assert bad.exit_code == 2 and "--bootstrap" in bad.output

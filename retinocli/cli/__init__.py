@@ -334,10 +334,15 @@ def evaluate(
     threads: Annotated[Optional[int], typer.Option(help="Decoding threads (default min(8, cores)).")] = None,
     device: Annotated[str, typer.Option(help="Checkpoints: auto, cpu, cuda, cuda:N, mps.")] = "auto",
     provider: ProviderOpt = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace metrics.json/predictions.csv.")] = False,
+    bootstrap: Annotated[int, typer.Option(
+        help="Bootstrap resamples for the 95% intervals (patients resampled where names carry them); "
+             "0: point estimates only.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap: the same seed gives the same intervals.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace metrics.json/predictions.csv/patients.csv.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Score a model on a labelled split: confusion table, per-grade and clinical metrics, AUCs."""
+    """Score a model on a labelled split: confusion table, per-grade and clinical metrics with 95% intervals,
+    AUCs, and a patient-level section where image names carry patients (10_left)."""
     from retinocli.reporting import render as display
     from retinocli.reporting.evaluate import evaluate as run_evaluation
 
@@ -346,14 +351,17 @@ def evaluate(
         with display.progress_bar(shown, "img", transient=True) as bar:
             result = run_evaluation(model, data=data, split=split, layout=layout, images=images, tta=tta,
                                     out=out, force=force, batch_size=batch_size, threads=threads,
-                                    device=device, provider=provider, progress=bar)
+                                    device=device, provider=provider, bootstrap=bootstrap, seed=seed,
+                                    progress=bar)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     display.render_evaluation(result.report, console)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"Wrote {result.metrics_path} and {result.predictions_path}")
+    written = [result.metrics_path, result.predictions_path, result.report.get("patients", {}).get("path")]
+    for path in filter(None, written):  # whole paths on lines of their own, never folded
+        console.print(f"Wrote {path}", soft_wrap=True, markup=False, highlight=False)
     run = result.report.get("run")
     if run:
         console.print(f"Next: [bold]retino report {run}[/]  or  [bold]retino export {run}[/]")

@@ -20,6 +20,7 @@ Public API (one-line contracts; details in each docstring):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -246,7 +247,8 @@ def _scorer(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None,
             ("macro_f1", metrics._macro_f1), ("qwk", metrics._qwk))}
         if pr is not None:
             per_grade = np.stack([_weighted_auc(t == k, pr[:, k], w) for k in range(num_classes)])
-            with np.errstate(all="ignore"):  # an all-nan column is a skipped resample
+            with np.errstate(all="ignore"), warnings.catch_warnings():  # all-nan: a skipped resample
+                warnings.simplefilter("ignore", RuntimeWarning)
                 present = (w @ (t[:, None] == np.arange(num_classes))).T > 0
                 macro = np.nanmean(np.where(present, per_grade, np.nan), axis=0)
             rows["ovr_macro_auc"] = macro

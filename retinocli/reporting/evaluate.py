@@ -5,8 +5,10 @@ Both back ends see identical inputs: images are decoded and prepared with numpy/
 (:func:`retinocli.deploy.predict.decode_batches`, the predictor's own pipeline) and normalised by
 :func:`retinocli.imaging.preprocess.to_batch`; only the forward pass differs. ``evaluate`` writes
 ``metrics.json`` (:func:`retinocli.reporting.metrics.summarize` plus where the numbers came from) and
-``predictions.csv`` (one row per image, :mod:`retinocli.deploy.schema` with ``true_grade``) and
-returns them.
+``predictions.csv`` (one row per image, :mod:`retinocli.deploy.schema` with ``true_grade``) and,
+where the image names carry patients (``10_left``), ``patients.csv`` (the worse eye decides), and
+returns them. Every headline metric gets a seeded bootstrap 95 % interval
+(:func:`retinocli.reporting.clinical.bootstrap_ci`), resampling patients where they are known.
 
 torch is imported only when a checkpoint is evaluated; an ONNX model evaluates without it.
 """
@@ -240,18 +242,21 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
              layout: str | None = None, images: str | Path | None = None, tta: bool = False,
              out: str | Path | None = None, force: bool = False, batch_size: int = 64,
              threads: int | None = None, device: str = "auto", provider: str = "auto",
-             progress=None) -> EvalResult:
+             bootstrap: int = 1000, seed: int = 0, progress=None) -> EvalResult:
     """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv."""
     if batch_size < 1:
         raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
         raise RetinoError(f"--threads must be >= 1, got {threads}")
+    if bootstrap < 0 or bootstrap in (1, 2):
+        raise RetinoError(f"--bootstrap must be 0 (no intervals) or >= 3 resamples, got {bootstrap}")
     backend = open_model(target, device=device, provider=provider, threads=threads)
     out_dir = Path(out) if out is not None else default_out_dir(backend)
     from retinocli.rundir import RunDir
 
     metrics_path, predictions_path = RunDir(out_dir).metrics(), RunDir(out_dir).predictions()
-    for p in (metrics_path, predictions_path):
+    patients_path = RunDir(out_dir).patients()
+    for p in (metrics_path, predictions_path, patients_path):
         if p.exists() and not force:
             raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
     names, paths, grades, source, missing = split_records(backend, data=data, split=split, layout=layout,
@@ -278,8 +283,16 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         "grade_names": list(backend.grade_names), "metrics": summary,
         "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
     }
+    frame = _frame([n for n, good in zip(names, ok) if good], y, pred, probs)
+    patients = _clinical_sections(report, frame, k, bootstrap, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(predictions_path, names, scored, grades, backend.grade_names)
+    if patients is not None:
+        patients_path.unlink(missing_ok=True)
+        atomic_write(patients_path, patients.to_csv(index=False))
+        report["patients"]["path"] = str(patients_path)
+    elif patients_path.exists():  # --force over an evaluation of images that had patients
+        patients_path.unlink()
     atomic_write(metrics_path, json.dumps(report, indent=2))
     notes = list(backend.notes)
     if missing:
@@ -289,6 +302,47 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         notes.append(f"{len(scored.errors)} image(s) could not be read and are left out of the metrics, "
                      f"e.g. {first[1]}")
     return EvalResult(out_dir, metrics_path, predictions_path, report, notes)
+
+
+def _frame(names: list[str], y: np.ndarray, pred: np.ndarray, probs: np.ndarray):
+    """The readable images as a labelled predictions frame (the columns clinical reads)."""
+    import pandas as pd
+
+    from retinocli.deploy.schema import PREDICTED_GRADE, REFERABLE_PROB, TRUE_GRADE, prob_column
+
+    frame = pd.DataFrame({"image": names, TRUE_GRADE: y, PREDICTED_GRADE: pred})
+    for j in range(probs.shape[1]):
+        frame[prob_column(j)] = probs[:, j]
+    frame[REFERABLE_PROB] = probs[:, metrics.REFERABLE_GRADE:].sum(1)
+    return frame
+
+
+def _clinical_sections(report: dict[str, Any], frame, k: int, n_boot: int, seed: int):
+    """Add the bootstrap intervals and, where names carry patients, the patient-level section.
+
+    ``report["intervals"]``: per-image metrics with 95 % intervals, patients resampled as
+    clusters when known. ``report["patients"]``: the worse eye's grade per patient, scored
+    with its own intervals. Returns the patient table (None when no name carries a patient).
+    """
+    from retinocli.reporting import clinical
+
+    has_patients = bool(clinical.patient_ids(frame["image"].tolist())[1].astype(bool).any())
+    if n_boot:
+        report["intervals"] = clinical.bootstrap_ci(**clinical.prediction_arrays(frame, by_patient=has_patients),
+                                                    n_boot=n_boot, seed=seed, num_classes=k)
+    if not has_patients:
+        return None
+    table = clinical.patient_table(frame)
+    y, pred = table["true_grade"].to_numpy(np.int64), table["predicted_grade"].to_numpy(np.int64)
+    score = table["referable_prob"].to_numpy(np.float64)
+    section: dict[str, Any] = {"n": int(len(table)), "rule": "a patient's grade is the worse eye's",
+                               "with_both_eyes": int((table["eyes"] == "left,right").sum()),
+                               "metrics": metrics.summarize(y, pred, None, num_classes=k)}
+    if n_boot:
+        section["intervals"] = clinical.bootstrap_ci(y, pred, None, referable_score=score, n_boot=n_boot,
+                                                     seed=seed, num_classes=k)
+    report["patients"] = section
+    return table
 
 
 def _rounded(a: np.ndarray) -> list[float]:

@@ -244,6 +244,32 @@ def confusion_table(cm: list[list[int]], names: list[str], title: str) -> Table:
     return table
 
 
+def _interval(entry: dict | None, pct: bool) -> str:
+    """``low–high`` of a bootstrap interval, as percentages or to three decimals."""
+    if not entry or entry.get("low") is None or entry["low"] != entry["low"]:  # missing or nan
+        return "-"
+    fmt = _pct if pct else _num
+    return f"{fmt(entry['low'])} – {fmt(entry['high'])}"
+
+
+def patient_table(section: dict) -> Table:
+    """The patient-level scores of ``retino evaluate`` (the worse eye decides), with intervals."""
+    ci = (section.get("intervals") or {}).get("metrics", {})
+    m = section["metrics"]
+    t = Table(title=f"patients: {section['n']:,} ({section['with_both_eyes']:,} with both eyes); "
+                    f"{section['rule']}", title_justify="left", show_header=bool(ci))
+    for col in ("metric", "value", *(("95% interval",) if ci else ())):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    rows = (("accuracy", _pct(m["accuracy"]), "accuracy", True),
+            ("quadratic weighted kappa", _num(m["qwk"]), "qwk", False),
+            ("referable sensitivity", _pct(m["referable"]["sensitivity"]), "referable_sensitivity", True),
+            ("referable specificity", _pct(m["referable"]["specificity"]), "referable_specificity", True),
+            ("referable ROC AUC", _num(ci.get("referable_auc", {}).get("estimate")), "referable_auc", False))
+    for label, value, key, pct in rows:
+        t.add_row(label, value, *((_interval(ci.get(key), pct),) if ci else ()))
+    return t
+
+
 def render_evaluation(report: dict, console: Console) -> None:
     """Confusion table, per-grade scores and the summary metrics of ``retino evaluate``."""
     m, names = report["metrics"], report["grade_names"]
@@ -261,22 +287,36 @@ def render_evaluation(report: dict, console: Console) -> None:
                     _pct(row["f1"]), f"{row['support']:,}")
     console.print(per)
     ref = m["referable"]
-    summary = Table(title="summary", title_justify="left", show_header=False)
+    ci = report.get("intervals")
+    summary = Table(title="summary" + (f" (95% intervals: {ci['n_boot']:,} bootstrap resamples of "
+                                      f"{ci['unit']}s)" if ci else ""),
+                    title_justify="left", show_header=False)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
+    if ci:
+        summary.add_column("95% interval", justify="right")
     gap = m["accuracy_gap"]
     gap_style = "bold red" if gap < 0.01 else "green"
-    summary.add_row("accuracy", f"[bold]{_pct(m['accuracy'])}[/]")
-    summary.add_row(f"majority baseline (always grade {m['majority_grade']})", _pct(m["majority_accuracy"]))
-    summary.add_row("gap to baseline", f"[{gap_style}]{gap * 100:+.1f} points[/]")
-    summary.add_row("balanced accuracy", _pct(m["balanced_accuracy"]))
-    summary.add_row("macro F1", _pct(m["macro_f1"]))
-    summary.add_row("quadratic weighted kappa", _num(m["qwk"]))
-    summary.add_row("referable DR (grade >= 2) sensitivity", _pct(ref["sensitivity"]))
-    summary.add_row("referable DR specificity", _pct(ref["specificity"]))
-    summary.add_row("referable DR ROC AUC", _num(ref.get("auc")))
-    summary.add_row("one-vs-rest macro AUC", _num(m.get("ovr_macro_auc")))
+
+    def row(label: str, value: str, key: str | None = None, pct: bool = False) -> None:
+        cells = [label, value]
+        if ci:
+            cells.append(_interval(ci["metrics"].get(key or ""), pct))
+        summary.add_row(*cells)
+
+    row("accuracy", f"[bold]{_pct(m['accuracy'])}[/]", "accuracy", True)
+    row(f"majority baseline (always grade {m['majority_grade']})", _pct(m["majority_accuracy"]))
+    row("gap to baseline", f"[{gap_style}]{gap * 100:+.1f} points[/]")
+    row("balanced accuracy", _pct(m["balanced_accuracy"]), "balanced_accuracy", True)
+    row("macro F1", _pct(m["macro_f1"]), "macro_f1", True)
+    row("quadratic weighted kappa", _num(m["qwk"]), "qwk")
+    row("referable DR (grade >= 2) sensitivity", _pct(ref["sensitivity"]), "referable_sensitivity", True)
+    row("referable DR specificity", _pct(ref["specificity"]), "referable_specificity", True)
+    row("referable DR ROC AUC", _num(ref.get("auc")), "referable_auc")
+    row("one-vs-rest macro AUC", _num(m.get("ovr_macro_auc")), "ovr_macro_auc")
     console.print(summary)
+    if report.get("patients"):
+        console.print(patient_table(report["patients"]))
     if gap < 0.01:
         console.print(f"[bold red]warning:[/] accuracy does not beat answering grade {m['majority_grade']} "
                       f"for every image by 1 point; judge by balanced accuracy, QWK and the confusion table")
