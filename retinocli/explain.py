@@ -40,7 +40,7 @@ METHODS: dict[str, str] = {
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 SHEET = "contact-sheet.png"
 SHEET_MAX = 60  # overlays on the contact sheet; beyond that it is unreadable anyway
-ALPHA = 0.5  # heatmap opacity over the fundus
+ALPHA = 0.6  # heatmap opacity over the fundus where the map is hottest
 COLORMAP = "jet"
 ONNX_REFUSAL = "explanations need the torch checkpoint: pass the run folder or best.pt"
 
@@ -144,11 +144,16 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
-    """uint8 HWC image with ``heatmap`` (HxW in [0, 1]) blended over it in the jet colours."""
+    """uint8 HWC image with ``heatmap`` (HxW in [0, 1]) blended over it in the jet colours.
+
+    Opacity grows with the heat (from 30 % of ``alpha`` to all of it): where the model did not
+    look, the fundus stays readable under a faint blue.
+    """
     from matplotlib import colormaps
 
     colours = colormaps[COLORMAP](heatmap)[..., :3] * 255.0
-    return np.clip((1 - alpha) * image + alpha * colours, 0, 255).astype(np.uint8)
+    a = (alpha * (0.3 + 0.7 * heatmap))[..., None]
+    return np.clip((1 - a) * image + a * colours, 0, 255).astype(np.uint8)
 
 
 def explain(
@@ -247,9 +252,9 @@ def explain(
     seconds = time.perf_counter() - start
 
     notes = []
-    if cells is not None and cells < 4:
+    if cells is not None and cells <= 2:  # one cell per quadrant: no lesion can be pointed at
         notes.append(f"{layer} is {cells}x{cells} cells at {pre.size} px: too coarse to point at lesions"
-                     + ("; --layer layer3 doubles that" if layer == "layer4" else ""))
+                     + ("; --layer layer3 has about twice the resolution" if layer == "layer4" else ""))
     ok = [e for e in explanations if e.status == "ok"]
     sheet = None
     if ok:
@@ -284,7 +289,6 @@ def contact_sheet(explanations: list[Explanation], names: list[str], path: Path)
         if e.explained_grade != e.predicted_grade:
             caption += f"\nmap: grade {e.explained_grade} ({e.explained_probability:.0%})"
         ax.set_title(caption, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -156,11 +156,11 @@ def test_broken_image_does_not_stop_the_batch(trained_run: Path, lesion_set, tmp
     assert "Explained 2 image(s)" in text.output
 
 
-def test_refuses_a_folder_with_files_without_force(trained_run: Path, tmp_path: Path) -> None:
+def test_refuses_a_folder_with_files_without_force(tmp_path: Path) -> None:
     out = tmp_path / "x"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = invoke("explain", trained_run, tmp_path, "--out", out)
+    result = invoke("explain", tmp_path / "run", tmp_path, "--out", out)  # refused before the model loads
     assert result.exit_code == 2 and "--force" in result.output
 
 
