@@ -612,7 +612,6 @@ def bench(
     display.render_bench(result, console)
 
 
-
 # ------------------------------------------------------------------ explain (issue #18)
 @app.command()
 def explain(
@@ -653,6 +652,7 @@ def explain(
     if result.contact_sheet:
         console.print(f"Contact sheet: [bold]{escape(result.contact_sheet)}[/]", highlight=False, soft_wrap=True)
 # ------------------------------------------------------------------ end explain
+
 
 def _list_archs(json_out: bool) -> None:
     from retinocli.models import ARCHS, parameter_count, weight_names

@@ -197,6 +197,7 @@ def explain(
 
     import torch
     import torchcam.methods
+    from PIL import Image
 
     from retinocli.checkpoint import load_trained, resolve_checkpoint
     from retinocli.preprocess import Preprocess, load_and_prepare, normalize
@@ -239,8 +240,6 @@ def explain(
                 heat = heat.clamp(0, 1).cpu().numpy()
                 peak_y, peak_x = np.unravel_index(int(heat.argmax()), heat.shape)
                 target_file = out / f"{stem}.png"
-                from PIL import Image
-
                 Image.fromarray(overlay(pixels, heat)).save(target_file)
                 explanations.append(Explanation(
                     image=str(path), status="ok", predicted_grade=predicted, grade_name=names[predicted],

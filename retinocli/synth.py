@@ -34,9 +34,9 @@ MIN_SIZE = 16
 MAX_SIZE = 2048
 MAX_TEST_FRACTION = 0.9
 EYES = ("left", "right")
-# Everything generate() writes; --force deletes these and nothing else.
-OWNED = ("trainLabels.csv", "testLabels.csv", "train", "test", "masks")
 MASKS = "masks"  # masks/<image>.png: where the lesions are, for tests of heatmaps (`--masks`)
+# Everything generate() writes; --force deletes these and nothing else.
+OWNED = ("trainLabels.csv", "testLabels.csv", "train", "test", MASKS)
 
 # Albedo colours (RGB) before illumination; the photo's brightness multiplies them.
 VEIN = (112, 22, 18)

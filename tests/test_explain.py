@@ -174,7 +174,7 @@ def test_pointing_game_heatmap_peaks_fall_on_lesions(trained_run: Path, lesion_s
 
         layer4 (2x2 cells at 48 px): hit rate 0.15, chance 0.23 -- no localisation: the map is
             too coarse, so explain notes it and the test uses layer3;
-        layer3 (3x3 cells):          hit rate 0.39, chance 0.23 (28 of 72; binomial p ~ 3e-4);
+        layer3 (3x3 cells):          hit rate 0.39, chance 0.23 (28 of 72; one-sided binomial p 0.0013);
         layer2 (6x6 cells):          hit rate 0.44, chance 0.23.
 
     Asserted: layer3's rate beats chance by 0.1 and a one-sided binomial test against chance
