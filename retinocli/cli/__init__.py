@@ -369,9 +369,15 @@ def report(
     svg: Annotated[bool, typer.Option("--svg", help="Also write every figure as SVG.")] = False,
     title: Annotated[Optional[str], typer.Option(help="Title of report.md.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a report folder that has files.")] = False,
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Error gallery: heatmaps of the most "
+                                          "confident wrong and the missed referable images (needs best.pt "
+                                          "and the images).")] = True,
+    gallery_size: Annotated[int, typer.Option(help="Images per error gallery.")] = 8,
+    device: Annotated[str, typer.Option(help="The gallery's heatmaps: auto, cpu, cuda, cuda:N, mps.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
-    """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, report.md."""
+    """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, error
+    gallery, report.md."""
     from retinocli.reporting.report import write_report
 
     with user_errors():
@@ -381,7 +387,8 @@ def report(
             runs = [RunDir.newest_with_history("runs").path]
             console.print(f"Reporting the newest run: {runs[0]}")
         target = out if out is not None else Path("reports") / runs[0].name
-        result = write_report(list(runs), target, svg=svg, force=force, title=title)
+        result = write_report(list(runs), target, svg=svg, force=force, title=title, gallery=gallery,
+                              gallery_size=gallery_size, device=device)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
