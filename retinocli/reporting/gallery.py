@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retinocli import NUM_GRADES
 from retinocli.errors import RetinoError
 from retinocli.rundir import RunDir
 
@@ -103,7 +104,7 @@ def gallery_figure(rows: pd.DataFrame, overlays: dict[str, object], title: str) 
     for ax in axes.flat:
         ax.axis("off")
     for ax, (_, row) in zip(axes.flat, rows.iterrows()):
-        ax.imshow(overlays[row[schema.PATH]], interpolation="bilinear")
+        ax.imshow(overlays[str(Path(row[schema.PATH]))], interpolation="bilinear")
         ax.set_title(f"{row[schema.IMAGE]}\ntrue {row[schema.TRUE_GRADE]}, predicted {row[schema.PREDICTED_GRADE]} "
                      f"({row[schema.CONFIDENCE]:.0%})", fontsize=7)
     return fig
@@ -135,7 +136,7 @@ def write_galleries(runs: list, out: Path, *, size: int = DEFAULT_SIZE, device: 
             result.notes.append(why + f"it has no torch checkpoint ({RunDir.BEST}), which heatmaps need.")
             continue
         names = run.metrics.get("grade_names")
-        cases = select_cases(read_predictions(rundir.predictions(), len(names) if names else 5), size)
+        cases = select_cases(read_predictions(rundir.predictions(), len(names) if names else NUM_GRADES), size)
         paths = sorted({p for rows in cases.values() for p in rows[schema.PATH]})
         readable = [p for p in paths if Path(p).is_file()]
         if paths and not readable:
@@ -147,7 +148,8 @@ def write_galleries(runs: list, out: Path, *, size: int = DEFAULT_SIZE, device: 
             result.notes.append(why + f"the heatmaps failed ({exc}).")
             continue
         for kind, rows in cases.items():
-            rows = rows[rows[schema.PATH].isin(list(overlays))].reset_index(drop=True)
+            drawn = rows[schema.PATH].map(lambda p: str(Path(p))).isin(list(overlays))
+            rows = rows[drawn].reset_index(drop=True)
             gallery = Gallery(run=run.name, kind=kind, rows=rows)
             if not rows.empty:
                 gallery.png = out / f"{run.name}-{kind}.png"
@@ -158,7 +160,7 @@ def write_galleries(runs: list, out: Path, *, size: int = DEFAULT_SIZE, device: 
 
 
 def _overlays(checkpoint: Path, paths: list[str], device: str) -> dict[str, object]:
-    """path -> the explain overlay (uint8 HWC, the model's input size) of each readable image."""
+    """str(Path(path)) -> the explain overlay (uint8 HWC, the model's input size) of each readable image."""
     import numpy as np
     from PIL import Image
 
