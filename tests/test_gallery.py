@@ -105,3 +105,19 @@ def test_no_gallery_without_checkpoint_or_images_and_the_options(evaluated_run, 
 
     result = invoke("report", evaluated_run, "--out", tmp_path / "r4", "--gallery-size", "0")
     assert result.exit_code == 2 and "error: --gallery-size must be at least 1, got 0" in result.output
+
+
+def test_select_cases_by_hand():
+    """Six rows worked by hand: wrong = b (0.9), d (0.8), e (0.8, after d by name), f (0.4);
+    missed referable (true >= 2, predicted < 2) = b (referable 0.05), f (0.10), d (0.30)."""
+    from retinocli.reporting.gallery import MISSED, WRONG, select_cases
+
+    frame = pd.DataFrame({"image": list("abcdef"), "path": list("abcdef"),
+                          "true_grade": [0, 3, 2, 2, 1, 4], "predicted_grade": [0, 1, 2, 0, 2, 1],
+                          "confidence": [0.95, 0.9, 0.7, 0.8, 0.8, 0.4],
+                          "referable_prob": [0.01, 0.05, 0.9, 0.30, 0.6, 0.10]})
+    cases = select_cases(frame, size=3)
+    assert cases[WRONG]["image"].tolist() == ["b", "d", "e"]
+    assert cases[MISSED]["image"].tolist() == ["b", "f", "d"]
+    assert select_cases(frame, size=2)[MISSED]["image"].tolist() == ["b", "f"]
+    assert select_cases(frame, size=8)[WRONG]["image"].tolist() == ["b", "d", "e", "f"]
