@@ -145,6 +145,39 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert not {v for k, v in first.items() if k.endswith(".jpeg")} & set(other.values())
 
 
+
+def test_masks_mark_the_lesions_and_leave_the_images_unchanged(tmp_path: Path) -> None:
+    """masks/<image>.png has lesion pixels exactly when the grade is above 0, and those pixels are
+    where the photo has local detail: a lesion differs from its 9x9 median ~4x more than the
+    retina around it does (measured ~100 vs ~23, summed over RGB, on seed 1 at 64 px)."""
+    from PIL import ImageFilter
+
+    plain = generate(tmp_path / "plain", n=40, size=SIZE, seed=1)
+    summary = generate(tmp_path / "masked", n=40, size=SIZE, seed=1, masks=True)
+    assert plain["masks"] is None and summary["masks"] == str(tmp_path / "masked" / "masks")
+    masks = tmp_path / "masked" / "masks"
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    retina = (xx - (SIZE - 1) / 2) ** 2 + (yy - (SIZE - 1) / 2) ** 2 < (0.8 * SIZE / 2) ** 2
+    names = []
+    for split in ("train", "test"):
+        for name, grade in read_labels(tmp_path / "masked" / f"{split}Labels.csv"):
+            names.append(name)
+            image = tmp_path / "masked" / split / f"{name}.jpeg"
+            assert image.read_bytes() == (tmp_path / "plain" / split / f"{name}.jpeg").read_bytes()
+            with Image.open(masks / f"{name}.png") as m:
+                assert m.mode == "L" and m.size == (SIZE, SIZE)
+                lesion = np.asarray(m)
+            assert set(np.unique(lesion)) <= {0, 255}
+            assert lesion.any() == (grade > 0), (name, grade)
+            if grade == 0:
+                continue
+            with Image.open(image) as im:
+                detail = np.abs(np.asarray(im, np.float32)
+                                - np.asarray(im.filter(ImageFilter.MedianFilter(9)), np.float32)).sum(2)
+            inside, around = detail[lesion > 0].mean(), detail[retina & (lesion == 0)].mean()
+            assert inside > 2.5 * around, (name, inside, around)
+    assert sorted(p.stem for p in masks.iterdir()) == sorted(names)
+
 def test_progress_counts_every_image(tmp_path: Path) -> None:
     seen: list[int] = []
     generate(tmp_path / "data", n=12, size=16, progress=seen.append)

@@ -192,6 +192,8 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Share of patients in the test split.")] = 0.2,
     force: Annotated[bool, typer.Option("--force", help="Replace a dataset already there.")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Also write masks/IMAGE.png: where the lesions are "
+                                                        "(white), to check heatmaps against.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate the built-in demo data: procedural fundus photographs whose grade is learnable."""
@@ -202,7 +204,7 @@ def synth(
         with display.progress_bar(err_console if json_out else console, transient=True) as bar:
             task = bar.add_task("drawing fundus images", total=n, postfix="")
             summary = synth_mod.generate(out, n=n, size=size, seed=seed, test_fraction=test_fraction,
-                                         force=force, progress=lambda k: bar.update(task, completed=k))
+                                         force=force, masks=masks, progress=lambda k: bar.update(task, completed=k))
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
@@ -375,9 +377,15 @@ def report(
     svg: Annotated[bool, typer.Option("--svg", help="Also write every figure as SVG.")] = False,
     title: Annotated[Optional[str], typer.Option(help="Title of report.md.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a report folder that has files.")] = False,
+    gallery: Annotated[bool, typer.Option("--gallery/--no-gallery", help="Error gallery: heatmaps of the most "
+                                          "confident wrong and the missed referable images (needs best.pt "
+                                          "and the images).")] = True,
+    gallery_size: Annotated[int, typer.Option(help="Images per error gallery.")] = 8,
+    device: Annotated[str, typer.Option(help="The gallery's heatmaps: auto, cpu, cuda, cuda:N, mps.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
-    """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, report.md."""
+    """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, error
+    gallery, report.md."""
     from retinocli.reporting.report import write_report
 
     with user_errors():
@@ -387,7 +395,8 @@ def report(
             runs = [RunDir.newest_with_history("runs").path]
             console.print(f"Reporting the newest run: {runs[0]}")
         target = out if out is not None else Path("reports") / runs[0].name
-        result = write_report(list(runs), target, svg=svg, force=force, title=title)
+        result = write_report(list(runs), target, svg=svg, force=force, title=title, gallery=gallery,
+                              gallery_size=gallery_size, device=device)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -617,6 +626,48 @@ def bench(
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     display.render_bench(result, console)
+
+
+# ------------------------------------------------------------------ explain (issue #18)
+@app.command()
+def explain(
+    model: Annotated[Path, typer.Argument(help="A run folder or its checkpoint (.pt); not an .onnx file.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Images and folders of images (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs and contact-sheet.png.")],
+    grade: Annotated[Optional[int], typer.Option(help="Explain this grade (default: each image's "
+                                                      "predicted grade).")] = None,
+    method: Annotated[str, typer.Option(help="gradcam, gradcam++, smoothgradcam++, xgradcam, layercam, "
+                                             "scorecam.")] = "gradcam",
+    layer: Annotated[str, typer.Option(help="ResNet stage whose last block is explained; layer3 gives "
+                                            "twice the resolution at small input sizes.")] = "layer4",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Write into a folder that has files.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one record per image as JSON.")] = False,
+) -> None:
+    """Class-activation heatmaps: where in the fundus the model found its grade, blended over the
+    pixels it saw, one PNG per image plus a contact sheet."""
+    from retinocli.reporting import render as display
+    from retinocli.reporting.explain import explain as run_explain
+
+    shown = err_console if json_out else console
+    with user_errors():
+        with display.progress_bar(shown, "img", transient=True) as bar:
+            result = run_explain(model, inputs, out, grade=grade, method=method, layer=layer, device=device,
+                                 force=force, progress=bar)
+    if json_out:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    for e in result.errors:
+        console.print(f"[yellow]unreadable:[/] {escape(e.error or e.image)}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    done = len(result.explanations) - len(result.errors)
+    console.print(f"Explained {done} image(s) with {result.method} on {result.arch} {result.layer} "
+                  f"({result.size}px, {result.device}) in {result.seconds:.1f} s; "
+                  f"{len(result.errors)} unreadable", highlight=False, soft_wrap=True)
+    if result.contact_sheet:
+        console.print(f"Contact sheet: [bold]{escape(result.contact_sheet)}[/]", highlight=False, soft_wrap=True)
+# ------------------------------------------------------------------ end explain
 
 
 def _list_archs(json_out: bool) -> None:

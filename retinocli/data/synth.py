@@ -34,8 +34,9 @@ MIN_SIZE = 16
 MAX_SIZE = 2048
 MAX_TEST_FRACTION = 0.9
 EYES = ("left", "right")
+MASKS = "masks"  # masks/<image>.png: where the lesions are, for tests of heatmaps (`--masks`)
 # Everything generate() writes; --force deletes these and nothing else.
-OWNED = ("trainLabels.csv", "testLabels.csv", "train", "test")
+OWNED = ("trainLabels.csv", "testLabels.csv", "train", "test", MASKS)
 
 # Albedo colours (RGB) before illumination; the photo's brightness multiplies them.
 VEIN = (112, 22, 18)
@@ -93,6 +94,7 @@ def generate(
     seed: int = 0,
     test_fraction: float = 0.2,
     force: bool = False,
+    masks: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write a synthetic data set in the Kaggle 2015 EyePACS layout.
@@ -105,11 +107,15 @@ def generate(
         test_fraction: Share of patients (not images) in the test split, 0 to 0.9.
         force: Replace an earlier data set in `out`; only the files listed in `OWNED` are
             removed, anything else in the folder is kept.
+        masks: Also write `masks/<image>.png` (image names are unique across splits), a
+            binary mask (0 or 255) of the pixels a lesion covers, at the image's size; it
+            is empty exactly when the image has no lesions (grade 0). The images' bytes
+            do not change.
         progress: Called after each image with the number of images written so far.
 
     Returns:
-        A summary: `out`, `n`, `size`, `seed`, `patients` and `splits`, which maps each
-        split to {grade: image count} for every grade.
+        A summary: `out`, `n`, `size`, `seed`, `patients`, `splits`, which maps each
+        split to {grade: image count} for every grade, and `masks` (the folder, or None).
 
     Raises:
         RetinoError: For bad arguments, or a non-empty `out` without `force`.
@@ -119,11 +125,13 @@ def generate(
     _prepare_out(out, force)
 
     eyes = _plan(np.random.default_rng(seed), n // 2, test_fraction)
-    for split in ("train", "test"):
+    for split in ("train", "test") + ((MASKS,) if masks else ()):
         (out / split).mkdir(parents=True)
     for done, eye in enumerate(eyes, start=1):
-        image = _render(eye, size, seed)
+        image, lesions = _render(eye, size, seed)
         image.save(out / eye.split / f"{eye.name}.jpeg", "JPEG", quality=JPEG_QUALITY)
+        if masks:
+            lesions.save(out / MASKS / f"{eye.name}.png")
         if progress is not None:
             progress(done)
 
@@ -144,6 +152,7 @@ def generate(
         "seed": seed,
         "patients": n // 2,
         "splits": splits,
+        "masks": str(out / MASKS) if masks else None,
     }
 
 
@@ -211,8 +220,12 @@ def _plan(rng: np.random.Generator, patients: int, test_fraction: float) -> list
     return eyes
 
 
-def _render(eye: _Eye, size: int, seed: int) -> Image.Image:
-    """Draw one fundus photograph for `eye` at `size` x `size` pixels."""
+def _render(eye: _Eye, size: int, seed: int) -> tuple[Image.Image, Image.Image]:
+    """Draw one fundus photograph for `eye` at `size` x `size` pixels, and its lesion mask.
+
+    The mask ("L", 0 or 255) marks every pixel a lesion shape touches, grade 4's new
+    vessels included.
+    """
     # One generator per image from (seed, patient, eye): an image does not depend on how
     # many were drawn before it. The patient's own generator gives both eyes one pigment.
     patient_rng = np.random.default_rng([seed, eye.patient])
@@ -234,10 +247,27 @@ def _render(eye: _Eye, size: int, seed: int) -> Image.Image:
     image = Image.fromarray(albedo)
     draw = ImageDraw.Draw(image)
     _draw_vessels(draw, rng, frame, disc, side)
-    _draw_lesions(draw, rng, frame, eye.grade, side, disc, disc_r, macula)
+    mask = Image.new("L", (side, side))
+    _draw_lesions(_Tee(draw, ImageDraw.Draw(mask)), rng, frame, eye.grade, side, disc, disc_r, macula)
 
     photo = np.asarray(image, dtype=np.float32) * _illumination(rng, frame, side)[..., None]
-    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).reduce(ss)
+    # Any coverage of a reduced pixel counts: a 1 px microaneurysm stays in the mask.
+    lesions = mask.reduce(ss).point(lambda v: 255 if v else 0)
+    return Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).reduce(ss), lesions
+
+
+class _Tee:
+    """Draws each lesion shape on the photo in its colour and on the mask in white."""
+
+    def __init__(self, photo: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw):
+        self.photo, self.mask = photo, mask
+
+    def __getattr__(self, shape: str) -> Callable:
+        def both(*args, fill, **kwargs) -> None:
+            getattr(self.photo, shape)(*args, fill=fill, **kwargs)
+            getattr(self.mask, shape)(*args, fill=255, **kwargs)
+
+        return both
 
 
 def _grid(frame: _Frame, box: tuple[int, int, int, int], x: float, y: float) -> np.ndarray:

@@ -698,8 +698,9 @@ def majority_warnings(runs: list[RunSummary]) -> list[str]:
 
 
 def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
-             notes: list[str] | None = None) -> str:
-    """The text of report.md; ``figures`` maps a caption to its PNG (already in the report folder)."""
+             notes: list[str] | None = None, gallery: list[str] | None = None) -> str:
+    """The text of report.md; ``figures`` maps a caption to its PNG (already in the report folder);
+    ``gallery`` is the error gallery's section (:func:`retinocli.reporting.gallery.markdown_lines`)."""
     evaluated = [r for r in runs if r.evaluated]
     lines = [f"# {title}", "",
              f"{len(runs)} run(s): " + ", ".join(f"`{r.name}` ({r.label}, `{r.dir}`)" for r in runs) + ".", "",
@@ -753,6 +754,7 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
         lines += [note, ""]
     for caption, png in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({png.name})", ""]
+    lines += gallery or []
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -786,7 +788,8 @@ class ReportResult:
 
 
 def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,
-                 title: str | None = None) -> ReportResult:
+                 title: str | None = None, gallery: bool = True, gallery_size: int = 8,
+                 device: str = "auto") -> ReportResult:
     """Figures and report.md comparing runs, in the folder ``out``.
 
     Writes ``<run>-curves.png`` per run, ``accuracy-comparison.png``, ``<run>-confusion.png``
@@ -800,6 +803,10 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         svg: also save every figure as SVG.
         force: write into a non-empty ``out``, replacing files of the same name.
         title: the heading of report.md (default names the runs).
+        gallery: add the error gallery (``<run>-wrong.png``, ``<run>-missed-referable.png``) of
+            each evaluated run that has a checkpoint and readable images; a note says why not.
+        gallery_size: at most this many images per gallery.
+        device: where the gallery's heatmaps are computed (auto, cpu, cuda, ...).
 
     Raises:
         RetinoError: no runs, a folder that is not a run, or ``out`` not empty without force.
@@ -809,6 +816,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         raise RetinoError(f"{out} is a file; the report needs a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise RetinoError(f"{out} exists; pass --force to overwrite")
+    if gallery and gallery_size < 1:
+        raise RetinoError(f"--gallery-size must be at least 1, got {gallery_size}")
     loaded = load_runs(list(runs))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -848,10 +857,21 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     else:
         notes.append("No run is evaluated, so there is no referable-DR ROC curve.")
 
+    gallery_lines, gallery_notes = None, []
+    if gallery:  # ------------------------------------------------ error gallery (issue #18)
+        from retinocli.reporting.gallery import markdown_lines, write_galleries
+
+        galleries = write_galleries(loaded, out, size=gallery_size, device=device)
+        written.extend(galleries.pngs)
+        gallery_notes = galleries.notes  # in report.md's gallery section, not under Figures
+        gallery_lines = markdown_lines(galleries, {r.name: (r.metrics or {}).get("split", MISSING) for r in loaded})
+
     md = out / "report.md"
-    text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes)
+    text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes,
+                    gallery=gallery_lines)
     md.write_text(text, encoding="utf-8")
-    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded), notes=notes,
+    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded),
+                        notes=notes + gallery_notes,
                         differences=settings_that_differ({r.name: r.config for r in loaded}))
 
 
