@@ -858,7 +858,7 @@ def test_permissions_for_a_user_they_stop(corpus):
         try:
             env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             done = subprocess.run([sys.executable, "-c", PERMISSION_CHILD, str(base), str(drop)],
-                                  capture_output=True, text=True, env=env, timeout=300)
+                                  capture_output=True, text=True, env=env, timeout=1800)
         finally:
             for path in shut:
                 path.chmod(0o755)

@@ -42,7 +42,7 @@ def env() -> dict[str, str]:
 
 
 def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     return done
@@ -154,7 +154,7 @@ def test_sigkill_while_writing_a_checkpoint(reference, synth_data, tmp_path):
         main()
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(), cwd=ROOT,
-                          timeout=600)
+                          timeout=1800)
     assert done.returncode == -signal.SIGKILL, done.stderr
     run = project / "cut"
     assert list(run.glob(".*.tmp")), "the kill should have left a half-written temporary file"

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def retino(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def retino(*args, env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "retinocli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=ROOT, timeout=timeout)
