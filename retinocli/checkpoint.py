@@ -5,11 +5,14 @@ A run keeps two, with different jobs:
     best.pt  the model to use (``MODEL_KEYS``): ``model`` (state dict), ``epoch`` (completed
              epochs), ``config`` (TrainConfig as a dict), ``class_names``, ``preprocess``
              (Preprocess as a dict), ``small_stem``, ``metrics`` (validation metrics of that
-             epoch), ``versions``. What evaluate and export read; a third of last.pt's bytes
+             epoch), ``versions``, ``grader`` (retinocli.grading.Grader as a dict: head, cut
+             points; absent in older runs: softmax). With --ema, ``model`` is the averaged
+             weights. What evaluate and export read; a third of last.pt's bytes
              with AdamW, which keeps two moments per weight.
     last.pt  the training state to resume (``MODEL_KEYS`` + ``RESUME_KEYS``): also
              ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (generator states for an exact
-             resume), ``best_metrics``, ``best_epoch``, ``history``.
+             resume), ``best_metrics``, ``best_epoch``, ``history``; with --ema, ``ema`` (the
+             AveragedModel's state dict), while ``model`` there is the raw weights.
 
 Everything in them is a tensor or plain Python data, so the safe unpickler loads them and no
 code in a file ever runs.
@@ -26,8 +29,9 @@ import torch
 
 from retinocli.errors import RetinoError
 
-MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions")
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history")
+MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions",
+              "grader")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history", "ema")
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
@@ -120,7 +124,8 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     names = state.get("class_names") or []
     try:
-        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")))
+        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")),
+                            head=cfg.get("head", "classification"), pool=cfg.get("pool", "avg"))
         model.load_state_dict(state["model"])
     except RetinoError:
         raise
