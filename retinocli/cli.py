@@ -301,10 +301,9 @@ def train(
                 patience=patience, select_metric=select_metric, head=head, pool=pool, ema=ema, mixup=mixup,
                 cutmix=cutmix, project=project, name=name)
             if config is not None:  # the file's values, except where the command line named the option
-                from click.core import ParameterSource
-
                 for key, value in TrainConfig.from_file(config).items():
-                    if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+                    source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
+                    if getattr(source, "name", None) != "COMMANDLINE":
                         values[key] = value
             cfg = TrainConfig(**values)
             from retinocli.models import check_arch

@@ -8,7 +8,8 @@ Columns, in order::
                      relative to the folder predicted (predict)
     path             the file that was read
     true_grade       the label (evaluate only)
-    predicted_grade  argmax of the probabilities; empty for an unreadable image
+    predicted_grade  argmax of the probabilities (ordinal head: its expected grade cut at the
+                     fitted cut points, retinocli.grading); empty for an unreadable image
     grade_name       the model's name for predicted_grade
     confidence       the probability of predicted_grade
     prob_0..prob_K-1 one probability per grade of the model

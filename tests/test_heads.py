@@ -256,3 +256,17 @@ def test_bad_head_options_are_one_line_errors():
         TrainConfig(head="ordinal", label_smoothing=0.1)
     with pytest.raises(RetinoError, match="--mixup must be"):
         TrainConfig(mixup=-1)
+
+
+def test_coral_loss_is_the_summed_binary_cross_entropy_of_the_levels():
+    from retinocli.heads import HeadLoss, coral_loss
+
+    out = torch.tensor([[2.0, 0.5, -1.0, -3.0], [0.0, 0.0, 0.0, 0.0]])
+    y = torch.tensor([2, 0])
+    levels = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], float)  # grade > k
+    s = 1 / (1 + np.exp(-out.numpy().astype(float)))
+    expected = -(levels * np.log(s) + (1 - levels) * np.log(1 - s)).sum(1)
+    np.testing.assert_allclose(coral_loss(out, y).numpy(), expected, rtol=1e-6)
+    # unreadable images (target -100) are left out of the mean
+    loss = HeadLoss("ordinal")(torch.cat([out, out[:1]]), torch.tensor([2, 0, -100]))
+    assert loss.item() == pytest.approx(expected.mean(), rel=1e-6)
