@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retinocli import NUM_GRADES
 from retinocli.grading import head_width
 
 IGNORE = -100  # unreadable images' target (retinocli.data.IGNORE)
@@ -93,13 +94,13 @@ class HeadLoss(nn.Module):
         return (per * w).sum() / w.sum().clamp(min=1e-12)
 
 
-def train_grades(head: str, out: torch.Tensor) -> torch.Tensor:
+def rough_grades(head: str, out: torch.Tensor) -> torch.Tensor:
     """Rough grades for the training accuracy shown per step (default thresholds, no cut points)."""
     if head == "classification":
         return out.argmax(1)
     if head == "ordinal":
         return (out > 0).sum(1)
-    return out[:, 0].round().clamp(0, head_width("classification", 5) - 1).long()
+    return out[:, 0].round().clamp(0, NUM_GRADES - 1).long()
 
 
 # ---------------------------------------------------------------------------- EMA

@@ -30,7 +30,7 @@ from retinocli.data import (IGNORE, EpochSampler, FundusDataset, class_weights, 
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
 from retinocli.grading import Grader, fit_grader
-from retinocli.heads import BatchMix, HeadLoss, make_ema, train_grades
+from retinocli.heads import BatchMix, HeadLoss, make_ema, rough_grades
 from retinocli.models import create_model, freeze_backbone, set_train_mode, use_small_stem
 from retinocli.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -288,7 +288,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
         valid = y != IGNORE
         n = valid.sum()
         loss_sum += loss.detach() * n
-        correct += ((train_grades(head, logits) == y) & valid).sum()
+        correct += ((rough_grades(head, logits) == y) & valid).sum()
         seen += n
         skipped += (~valid).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
@@ -308,16 +308,16 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
 def predict_loader(model, loader, *, device, autocast, mean, std, channels_last) -> tuple[np.ndarray, np.ndarray]:
     """(targets, raw head outputs) over a loader, in the loader's order (see retinocli.grading)."""
     model.eval()
-    targets, probs = [], []
+    targets, outputs = [], []
     for images, y in loader:
         x = to_input(images, device, mean, std, channels_last)
         with autocast():
             logits = model(x)
-        probs.append(logits.float().cpu())
+        outputs.append(logits.float().cpu())
         targets.append(y)
-    if not probs:
+    if not outputs:
         return np.zeros(0, np.int64), np.zeros((0, NUM_GRADES), np.float32)
-    return torch.cat(targets).numpy(), torch.cat(probs).numpy()
+    return torch.cat(targets).numpy(), torch.cat(outputs).numpy()
 
 
 def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None) -> dict:
@@ -567,7 +567,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                                          device=device, autocast=autocast, mean=mean, std=std,
                                          channels_last=channels_last, progress=show, augment=batch_augment,
                                          head=cfg.head, mix=mix, ema=ema)
-                    y, probs = predict_loader(ema if ema is not None else model, val_loader, device=device, autocast=autocast, mean=mean,
+                    y, raw = predict_loader(ema if ema is not None else model, val_loader, device=device, autocast=autocast, mean=mean,
                                               std=std, channels_last=channels_last)
                 except (RuntimeError, MemoryError) as exc:
                     if not is_out_of_memory(exc):
@@ -575,13 +575,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     raise out_of_memory_error(cfg, len(history), run_dir) from None
                 if ddp:
                     parts = [None] * world
-                    dist.all_gather_object(parts, (y, probs))
+                    dist.all_gather_object(parts, (y, raw))
                     y = np.concatenate([p[0] for p in parts])
-                    probs = np.concatenate([p[1] for p in parts])
+                    raw = np.concatenate([p[1] for p in parts])
                 # cut points (regression, ordinal) are fitted on this epoch's validation outputs
                 readable = y != IGNORE
-                grader = fit_grader(cfg.head, probs[readable], y[readable], NUM_GRADES)
-                probs = grader.probabilities(probs)
+                grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
+                probs = grader.probabilities(raw)
                 val = validation_metrics(y, probs, grader)
                 unreadable = max(unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
                 row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
