@@ -526,10 +526,10 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                  "class_names": list(GRADE_NAMES), "preprocess": prep.to_dict(), "small_stem": small,
                  "metrics": row_metrics, "versions": device_info, "grader": grader.to_dict()}
         if resumable:
-            state.update(ema=ema.state_dict() if ema is not None else None,
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
-                         best_metrics=best, best_epoch=best_epoch, history=history)
+                         best_metrics=best, best_epoch=best_epoch, history=history,
+                         ema=ema.state_dict() if ema is not None else None)
         return state
 
     stopped = "completed"
