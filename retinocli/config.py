@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 from retinocli.errors import RetinoError
@@ -20,6 +20,8 @@ CHOICES = {
     "scheduler": ("cosine", "step", "none"),
     "select_metric": ("qwk", "accuracy", "loss"),
     "stem": ("auto", "imagenet", "small"),
+    "head": ("classification", "regression", "ordinal"),  # issue #14
+    "pool": ("avg", "gem"),
 }
 
 
@@ -64,6 +66,12 @@ class TrainConfig:
     workers: int | None = None  # None: min(8, cores)
     patience: int | None = None
     select_metric: str = "qwk"
+    # issue #14: grading head, pooling, weight EMA, batch mixing
+    head: str = "classification"
+    pool: str = "avg"
+    ema: float = 0.0  # decay of the weights' moving average; 0: off
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0: off
     project: str = "runs"
     name: str = "train"
 
@@ -97,6 +105,13 @@ class TrainConfig:
             raise RetinoError(f"--patience must be at least 1; got {self.patience}")
         if self.mode == "two-stage" and not 0 < self.head_epochs < self.epochs:
             raise RetinoError(f"--head-epochs must be between 1 and --epochs - 1 for two-stage; got {self.head_epochs}")
+        if not 0.0 <= self.ema < 1.0:
+            raise RetinoError(f"--ema must be in [0, 1) (0: off, e.g. 0.999); got {self.ema}")
+        for key in ("mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                raise RetinoError(f"--{key} must be 0 (off) or a positive Beta alpha; got {getattr(self, key)}")
+        if self.head != "classification" and self.label_smoothing:
+            raise RetinoError(f"--label-smoothing applies to the classification head only, not --head {self.head}")
         if self.weights is not None:
             self.pretrained = True
         if self.pretrained and self.weights is None:
@@ -113,8 +128,52 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """``retino train --config FILE``: option names (dashes or underscores) -> values, from TOML
+        (or YAML if PyYAML happens to be installed). The caller lays command-line options over it.
+
+        Raises:
+            RetinoError: unreadable file, not a table, or a key that is no train option.
+        """
+        return read_config_file(path, {f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         if "augment" in d and "augment_on" not in d:  # a run from before batched augmentation resumes as it began
             d = {**d, "augment_on": "workers"}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_config_file(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """The key/values of a TOML (or YAML) config file, keys checked against ``known``."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise RetinoError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise RetinoError(f"--config {path}: YAML needs PyYAML, which is not installed; use TOML") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            data = tomllib.loads(text.decode("utf-8"))
+    except RetinoError:
+        raise
+    except Exception as exc:  # TOMLDecodeError, YAMLError, UnicodeDecodeError
+        raise RetinoError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'TOML'} "
+                          f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RetinoError(f"--config {path}: expected a table of train options")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise RetinoError(f"--config {path}: unknown key {key!r} (not a retino train option)")
+        out[name] = value
+    return out

@@ -217,6 +217,7 @@ def synth(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="Dataset folder (any layout retino stats reads).")] = Path("data"),
     layout: LayoutOpt = None,
     images: ImagesOpt = None,
@@ -265,6 +266,16 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better "
                                                          "--select-metric.")] = None,
     select_metric: Annotated[str, typer.Option(help="What picks best.pt: qwk, accuracy, loss.")] = "qwk",
+    head: Annotated[str, typer.Option(help="classification (softmax), regression (Huber on the grade) or "
+                                           "ordinal (CORAL); the last two grade with cut points fitted "
+                                           "on validation for QWK.")] = "classification",
+    pool: Annotated[str, typer.Option(help="avg or gem (generalised mean, learnable p from 3).")] = "avg",
+    ema: Annotated[float, typer.Option(help="Decay of an exponential moving average of the weights, used "
+                                            "for validation, best.pt and export (0: off; e.g. 0.999).")] = 0.0,
+    mixup: Annotated[float, typer.Option(help="Mixup Beta alpha (0: off; e.g. 0.2).")] = 0.0,
+    cutmix: Annotated[float, typer.Option(help="CutMix Beta alpha (0: off; e.g. 1.0).")] = 0.0,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of train options (keys as option "
+                                                        "names); options given here override it.")] = None,
     project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
     name: Annotated[str, typer.Option(help="Run name; taken names get a number (train2, train3).")] = "train",
     force: Annotated[bool, typer.Option("--force", help="Reuse runs/NAME even if it exists.")] = False,
@@ -281,7 +292,7 @@ def train(
             return
         cfg = None
         if resume is None:
-            cfg = TrainConfig(
+            values = dict(
                 data=str(data), layout=layout, images=str(images) if images else None, arch=arch,
                 pretrained=pretrained, weights=weights, mode=mode, head_epochs=head_epochs, stem=stem,
                 img_size=img_size, preprocess=preprocess, augment=augment, augment_on=augment_on,
@@ -290,7 +301,14 @@ def train(
                 weight_decay=weight_decay, scheduler=scheduler, warmup_epochs=warmup_epochs, epochs=epochs,
                 batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
                 device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
-                patience=patience, select_metric=select_metric, project=project, name=name)
+                patience=patience, select_metric=select_metric, head=head, pool=pool, ema=ema, mixup=mixup,
+                cutmix=cutmix, project=project, name=name)
+            if config is not None:  # the file's values, except where the command line named the option
+                for key, value in TrainConfig.from_file(config).items():
+                    source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
+                    if getattr(source, "name", None) != "COMMANDLINE":
+                        values[key] = value
+            cfg = TrainConfig(**values)
             from retinocli.models.registry import check_arch
 
             check_arch(cfg.arch)

@@ -27,6 +27,7 @@ import numpy as np
 from retinocli import __version__
 from retinocli.errors import RetinoError
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
+from retinocli.models.grading import Grader
 
 OPSET = 18
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |probability difference| allowed
@@ -83,7 +84,9 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     prep = Preprocess.from_dict(state["preprocess"])
     say(f"Exporting {ckpt} (epoch {state.get('epoch')}, {state['config'].get('arch')}) -> {out} [{precision}]")
 
-    wrapped = _with_probs(model).eval()
+    grading = Grader.from_dict({"num_grades": len(state.get("class_names") or []) or 5,
+                                **(state.get("grader") or {})})
+    wrapped = _with_probs(model, head=grading.head).eval()
     rows = RunDir.of(ckpt).read_split()
     sample = _sample_images(rows, prep, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
         notes: list[str] = []
         quantization = None
         # fp16: half weights and activations inside, float32 in and out, so callers never cast
-        to_onnx(model, prep.size, exported, opset=opset, half=precision == "fp16")
+        to_onnx(model, prep.size, exported, opset=opset, half=precision == "fp16", head=grading.head)
         proto = _at_opset(onnx.load(exported), opset)
         _set_metadata(proto, state, ckpt, precision)
         if precision == "int8":
@@ -107,7 +110,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
             onnx.checker.check_model(str(final), full_check=True)
         except Exception as exc:
             raise RetinoError(f"exported model failed onnx.checker: {str(exc).splitlines()[0]}") from None
-        parity = _parity(wrapped, final, to_batch(list(sample), prep), precision, notes)
+        parity = _parity(wrapped, final, to_batch(list(sample), prep), precision, notes, grading)
         os.replace(final, out)
     if quantization is not None:
         notes.append(f"int8 val accuracy {quantization['accuracy_int8']:.1%} vs fp32 "
@@ -117,19 +120,24 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
                         parity=parity, quantization=quantization, notes=notes)
 
 
-def to_onnx(model, size: int, path: Path, *, opset: int = OPSET, half: bool = False) -> None:
-    """Write ``model`` (a grading network) with ``logits`` and ``probs`` outputs to ``path``.
+def to_onnx(model, size: int, path: Path, *, opset: int = OPSET, half: bool = False,
+            head: str = "classification") -> None:
+    """Write ``model`` (a grading network) with ``logits`` and ``probs`` outputs to ``path``
+    (other heads than classification: ``logits`` only, the raw head; see retinocli.deploy.onnx_model).
 
     ``half`` exports a float16 copy; ``model`` itself is left as it is.
     """
     net = copy.deepcopy(model) if half else model
-    _torch_export(_with_probs(net, half=half).eval(), size, path, opset)
+    _torch_export(_with_probs(net, half=half, head=head).eval(), size, path, opset)
 
 
-def _with_probs(net, *, half: bool = False):
+def _with_probs(net, *, half: bool = False, head: str = "classification"):
     """The grading network with a softmax output beside its logits (torch imported on use).
 
     ``half`` runs the network in float16 between a cast of the float32 input and of its logits.
+    Regression and ordinal heads keep their raw output only: their probabilities and grades
+    need the fitted cut points, which retinocli.models.grading applies in numpy on both sides, so
+    the graph and the checkpoint share one post-processing.
     """
     import torch
     from torch import nn
@@ -140,9 +148,12 @@ def _with_probs(net, *, half: bool = False):
         def __init__(self, net: nn.Module):
             super().__init__()
             self.net = net.half() if half else net
+            self.head = head
 
         def forward(self, images: torch.Tensor):
             logits = self.net(images.half()).float() if half else self.net(images)
+            if self.head != "classification":
+                return logits
             return logits, torch.softmax(logits, dim=1)
 
     return WithProbs(net)
@@ -151,25 +162,27 @@ def _with_probs(net, *, half: bool = False):
 def _torch_export(wrapped, size: int, path: Path, opset: int) -> None:
     import torch
 
+    outputs = ("logits", "probs") if wrapped.head == "classification" else ("logits",)
+
     x = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if opset < 18:  # the torch.export exporter writes opset 18 and up only
-            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=["logits", "probs"],
+            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=list(outputs),
                               opset_version=opset, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in ("images", "logits", "probs")})
+                              dynamic_axes={n: {0: "batch"} for n in ("images", *outputs)})
             return
         try:
-            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=["logits", "probs"],
+            torch.onnx.export(wrapped, (x,), str(path), input_names=["images"], output_names=list(outputs),
                               dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
                               external_data=False, verbose=False)
         except Exception as exc:  # the torch.export path refuses some graphs: the TorchScript one remains
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             try:
                 torch.onnx.export(wrapped, (x,), str(path), input_names=["images"],
-                                  output_names=["logits", "probs"], opset_version=opset, dynamo=False,
-                                  dynamic_axes={n: {0: "batch"} for n in ("images", "logits", "probs")})
+                                  output_names=list(outputs), opset_version=opset, dynamo=False,
+                                  dynamic_axes={n: {0: "batch"} for n in ("images", *outputs)})
             except Exception as exc2:
                 raise RetinoError(f"ONNX export failed: {first}; TorchScript exporter: "
                                   f"{str(exc2).splitlines()[0][:160]}") from None
@@ -196,6 +209,8 @@ def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
         "run": ckpt.absolute().parent.name, "checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt),
         "epoch": state.get("epoch"),
         "metrics": {"val": scalars}, "precision": precision, "version": __version__,
+        **({"grader": state["grader"]} if (state.get("grader") or {}).get("head", "classification")
+           != "classification" else {}),
     })
     proto.producer_name, proto.producer_version = "retino", __version__
     proto.doc_string = f"retino diabetic-retinopathy grader ({cfg.get('arch')}, {precision})"
@@ -238,8 +253,10 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _parity(wrapped, path: Path, x: np.ndarray, precision: str, notes: list[str]) -> dict[str, Any]:
-    """Largest |difference| of PyTorch and onnxruntime (CPU) outputs at batch 1 and 7 of ``x``."""
+def _parity(wrapped, path: Path, x: np.ndarray, precision: str, notes: list[str],
+            grading: Grader | None = None) -> dict[str, Any]:
+    """Largest |difference| of PyTorch and onnxruntime (CPU) outputs at batch 1 and 7 of ``x``;
+    the probabilities of both come from their logits through ``grading`` where the graph has none."""
     import torch
 
     try:
@@ -254,8 +271,13 @@ def _parity(wrapped, path: Path, x: np.ndarray, precision: str, notes: list[str]
     for b in PARITY_BATCHES:
         xb = x[:b]
         with torch.no_grad():
-            logits_t, probs_t = (t.numpy() for t in wrapped(torch.from_numpy(xb)))
-        logits_o, probs_o = session.run(["logits", "probs"], {"images": xb})
+            out_t = wrapped(torch.from_numpy(xb))
+        if grading is None or grading.head == "classification":
+            logits_t, probs_t = (t.numpy() for t in out_t)
+            logits_o, probs_o = session.run(["logits", "probs"], {"images": xb})
+        else:
+            logits_t, (logits_o,) = out_t.numpy(), session.run(["logits"], {"images": xb})
+            probs_t, probs_o = grading.probabilities(logits_t), grading.probabilities(logits_o)
         if logits_o.shape != logits_t.shape:
             raise RetinoError(f"ONNX output shape {logits_o.shape} != PyTorch {logits_t.shape} at batch {b}")
         d_probs = max(d_probs, float(np.abs(probs_o.astype(np.float32) - probs_t).max()))
@@ -287,10 +309,11 @@ def _quantize(fp32_path: Path, out: Path, rows, split_csv: Path, prep: Preproces
     val = rows[(rows["split"] == "val") & rows["grade"].notna()]
     acc, images = {}, 0
     for name, path in (("fp32", fp32_path), ("int8", out)):
-        scored = score_paths(open_model(path, provider="cpu"), val["path"].tolist())
+        backend = open_model(path, provider="cpu")
+        scored = score_paths(backend, val["path"].tolist())
         ok = ~np.isnan(scored.probs).any(axis=1)
         images = int(ok.sum())
-        right = scored.probs[ok].argmax(1) == val["grade"].to_numpy()[ok].astype(int)
+        right = backend.grader.grades(scored.probs[ok]) == val["grade"].to_numpy()[ok].astype(int)
         acc[name] = float(right.mean()) if images else float("nan")
     return {"images": images, "accuracy_fp32": acc["fp32"], "accuracy_int8": acc["int8"],
             "calibration_images": len(calib)}

@@ -8,7 +8,10 @@ The contract with export.py, all in one place:
 
     input    ``images``: float32 (float16 for an fp16 model) NCHW [batch, 3, S, S],
              normalised as the model's Preprocess says
-    outputs  ``logits`` and ``probs``: [batch, number of grades]
+    outputs  ``logits`` and ``probs``: [batch, number of grades] (classification head); other
+             heads (``retino.grader``: regression, ordinal) output only ``logits``, the raw
+             head [batch, 1 or K-1], and `retinocli.models.grading` turns it into probabilities and
+             grades with the cut points stored in ``retino.grader``
     metadata string key/values, all under ``retino.``; `metadata_props` writes them and
              `parse_metadata` reads them back, as data only (json.loads, never eval)
 """
@@ -35,6 +38,7 @@ import numpy as np
 from retinocli import __version__
 from retinocli.errors import RetinoError
 from retinocli.imaging.preprocess import Preprocess, to_batch
+from retinocli.models.grading import HEADS, Grader
 
 if TYPE_CHECKING:
     import onnx
@@ -78,10 +82,16 @@ class ModelInfo:
     precision: str = "fp32"
     version: str = ""
     exported: str = ""
+    grader: dict[str, Any] = field(default_factory=dict)  # Grader.to_dict(); empty: softmax classifier
 
     @property
     def num_grades(self) -> int:
         return len(self.grade_names)
+
+    @property
+    def grading(self) -> Grader:
+        """How this model's outputs become probabilities and grades (retinocli.models.grading)."""
+        return Grader.from_dict({"num_grades": self.num_grades, **self.grader})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; ``metadata_props(info.to_dict())`` writes it back."""
@@ -90,6 +100,9 @@ class ModelInfo:
         d["grade_names"] = list(self.grade_names)
         d["preprocess"] = self.preprocess.to_dict()
         d["metrics"] = dict(self.metrics)
+        grader = d.pop("grader")
+        if grader:  # only where the head is not a softmax classifier, as in the metadata
+            d["grader"] = dict(grader)
         return d
 
 
@@ -165,6 +178,8 @@ def metadata_props(info_fields: Mapping[str, Any]) -> dict[str, str]:
         "precision": precision,
         "exported": str(exported),
     }
+    if info_fields.get("grader"):  # absent: a softmax classifier, as every export before issue #14
+        props["grader"] = json.dumps(dict(info_fields["grader"]))
     return {META_PREFIX + k: v for k, v in props.items()}
 
 
@@ -254,7 +269,21 @@ def parse_metadata(props: Mapping[str, str], path: str | Path) -> ModelInfo:
         checkpoint=_last_part(ours.get("checkpoint", "")), checkpoint_sha256=digest,
         epoch=int(epoch_text) if epoch_text else None, metrics=metrics,
         precision=precision, version=ours.get("version", ""), exported=ours.get("exported", ""),
+        grader=_grader_value(ours, name),
     )
+
+
+def _grader_value(ours: dict[str, str], name: str) -> dict[str, Any]:
+    if not ours.get("grader"):
+        return {}
+    value = _json_value(ours, "grader", name)
+    try:
+        Grader.from_dict(value).cuts  # noqa: B018 - parses head, cut points and scale
+        if not isinstance(value, dict) or value.get("head", "classification") not in HEADS:
+            raise ValueError(value)
+    except (TypeError, ValueError, AttributeError):
+        raise RetinoError(f"{name}: {META_PREFIX}grader is not what export writes: {ours['grader']!r}") from None
+    return value
 
 
 # --------------------------------------------------------------------------- the file
@@ -510,7 +539,8 @@ class OnnxGrader:
     def _check_signature(self) -> None:
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or any(n not in outputs for n in OUTPUT_NAMES):
+        needed = OUTPUT_NAMES if self.info.grading.head == "classification" else OUTPUT_NAMES[:1]
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or any(n not in outputs for n in needed):
             found = f"inputs {[i.name for i in inputs]}, outputs {outputs}"
             raise RetinoError(f"{self.path}: expected one input 'images' and outputs 'logits' and "
                               f"'probs'; found {found}")
@@ -529,16 +559,18 @@ class OnnxGrader:
         k = self.info.num_grades
         for out in self.session.get_outputs():
             width = out.shape[-1] if out.name in OUTPUT_NAMES and out.shape else None
-            if isinstance(width, int) and width != k:
-                raise RetinoError(f"{self.path}: output '{out.name}' has {width} grades, but its metadata "
-                                  f"names {k} ({', '.join(self.info.grade_names)})")
+            want = self.info.grading.width if out.name == "logits" else k
+            if isinstance(width, int) and width != want:
+                raise RetinoError(f"{self.path}: output '{out.name}' has {width} values, but its metadata "
+                                  f"asks for {want} ({self.info.grading.head} head, {k} grades: "
+                                  f"{', '.join(self.info.grade_names)})")
 
     @property
     def grade_names(self) -> tuple[str, ...]:
         return self.info.grade_names
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised NCHW input -> (logits, probs), float32 ``[batch, grades]``.
+        """Normalised NCHW input -> (raw head outputs, probs), float32; probs ``[batch, grades]``.
 
         The input is cast to the model's own dtype (float16 for an fp16 export).
         """
@@ -546,12 +578,16 @@ class OnnxGrader:
         size = self.info.preprocess.size
         if x.ndim != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"expected NCHW input of shape (n, 3, {size}, {size}), got {x.shape}")
+        grading = self.info.grading
         if x.shape[0] == 0:
-            empty = np.zeros((0, self.info.num_grades), np.float32)
-            return empty, empty.copy()
+            return np.zeros((0, grading.width), np.float32), np.zeros((0, self.info.num_grades), np.float32)
         feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=self.input_dtype)}
         try:
-            logits, probs = self.session.run(list(OUTPUT_NAMES), feed)
+            if grading.head == "classification":
+                logits, probs = self.session.run(list(OUTPUT_NAMES), feed)
+            else:
+                (logits,) = self.session.run(["logits"], feed)
+                probs = grading.probabilities(logits)
         except Exception as exc:
             # onnxruntime's own errors (out of GPU memory, a provider failing mid-run) are
             # the user's to act on; anything else is a bug and keeps its traceback.

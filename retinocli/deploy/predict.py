@@ -459,13 +459,15 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
         for batch in decode_batches(todo, model.info.preprocess, batch_size=batch_size,
                                     threads=threads):
             probs = iter(model.predict(batch.images))
+            grading = model.info.grading
             reasons = {str(p): reason for p, reason in batch.errors}
             rows = []
             for image in batch.paths:
                 key = str(image)
                 p = None if key in reasons else next(probs)
                 row = schema.make_row(_image_name(image, root), key, p, names, labelled=False,
-                                      error=reasons.get(key, ""))
+                                      error=reasons.get(key, ""),
+                                      grade=None if p is None else int(grading.grades(p[None])[0]))
                 rows.append(row)
                 results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR])
             writer.write(rows)

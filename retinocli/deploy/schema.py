@@ -8,7 +8,8 @@ Columns, in order::
                      relative to the folder predicted (predict)
     path             the file that was read
     true_grade       the label (evaluate only)
-    predicted_grade  argmax of the probabilities; empty for an unreadable image
+    predicted_grade  argmax of the probabilities (ordinal head: its expected grade cut at the
+                     fitted cut points, retinocli.models.grading); empty for an unreadable image
     grade_name       the model's name for predicted_grade
     confidence       the probability of predicted_grade
     prob_0..prob_K-1 one probability per grade of the model
@@ -75,11 +76,13 @@ def number(x: float) -> float:
 
 
 def make_row(image: str, path: str, probs: Sequence[float] | None, grade_names: Sequence[str], *,
-             labelled: bool, true_grade: int | None = None, error: str = "") -> dict[str, Any]:
+             labelled: bool, true_grade: int | None = None, error: str = "",
+             grade: int | None = None) -> dict[str, Any]:
     """One row: ``probs`` for a readable image, None (and the ``error``) for an unreadable one.
 
     Values are typed (int, float, str, None); a CSV writer writes None as an empty cell, JSON
-    lines as null.
+    lines as null. ``grade``: the model's grade when its head does not grade by argmax
+    (ordinal cut points, retinocli.models.grading); None: the argmax.
     """
     row: dict[str, Any] = dict.fromkeys(columns(len(grade_names), labelled=labelled))
     row.update({IMAGE: image, PATH: path})
@@ -91,7 +94,7 @@ def make_row(image: str, path: str, probs: Sequence[float] | None, grade_names: 
     values = [number(p) for p in probs]
     if len(values) != len(grade_names):
         raise ValueError(f"{len(values)} probabilities for {len(grade_names)} grades")
-    grade = int(np.argmax(probs))
+    grade = int(np.argmax(probs)) if grade is None else int(grade)
     row.update({PREDICTED_GRADE: grade, GRADE_NAME: grade_names[grade], CONFIDENCE: values[grade]})
     row.update({prob_column(g): v for g, v in enumerate(values)})
     row.update({REFERABLE_PROB: number(math.fsum(probs[REFERABLE_GRADE:])), STATUS: OK, ERROR: ""})

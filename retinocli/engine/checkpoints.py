@@ -5,11 +5,15 @@ A run keeps two, with different jobs:
     best.pt  the model to use (``MODEL_KEYS``): ``model`` (state dict), ``epoch`` (completed
              epochs), ``config`` (TrainConfig as a dict), ``class_names``, ``preprocess``
              (Preprocess as a dict), ``small_stem``, ``metrics`` (validation metrics of that
-             epoch), ``versions``, ``schema`` (SCHEMA_VERSION; files without it are version 1). What evaluate and export read; a third of last.pt's bytes
+             epoch), ``versions``, ``schema`` (SCHEMA_VERSION; files without it are version 1),
+             ``grader`` (retinocli.models.grading.Grader as a dict: head, cut points; absent in
+             older runs: softmax). With --ema, ``model`` is the averaged weights. What evaluate
+             and export read; a third of last.pt's bytes
              with AdamW, which keeps two moments per weight.
     last.pt  the training state to resume (``MODEL_KEYS`` + ``RESUME_KEYS``): also
              ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (generator states for an exact
-             resume), ``best_metrics``, ``best_epoch``, ``history``.
+             resume), ``best_metrics``, ``best_epoch``, ``history``; with --ema, ``ema`` (the
+             AveragedModel's state dict), while ``model`` there is the raw weights.
 
 Everything in them is a tensor or plain Python data, so the safe unpickler loads them and no
 code in a file ever runs.
@@ -26,27 +30,31 @@ from retinocli.errors import RetinoError, atomic_write, first_line
 from retinocli.rundir import RunDir
 
 #: The version of the layout below; a change to the keys or their meaning bumps it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: grader, ema
 MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions",
-              "schema")
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history")
+              "schema", "grader")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history", "ema")
 #: What a resume cannot do without (the best-so-far and history may be absent).
 RESUME_NEEDS = ("model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng")
 
 
 def model_state(*, model: dict, epoch: int, config: dict, class_names: list[str], preprocess: dict,
-                small_stem: bool, metrics: dict, versions: dict) -> dict[str, Any]:
+                small_stem: bool, metrics: dict, versions: dict, grader: dict) -> dict[str, Any]:
     """best.pt's dict, keys in MODEL_KEYS order."""
     return {"model": model, "epoch": epoch, "config": config, "class_names": class_names,
             "preprocess": preprocess, "small_stem": small_stem, "metrics": metrics, "versions": versions,
-            "schema": SCHEMA_VERSION}
+            "schema": SCHEMA_VERSION, "grader": grader}
 
 
 def training_state(model_part: dict[str, Any], *, optimizer: dict, scheduler: dict, scaler: dict, rng: dict,
-                   best_metrics: dict | None, best_epoch: int | None, history: list[dict]) -> dict[str, Any]:
-    """last.pt's dict: :func:`model_state` plus what resuming reads, keys in RESUME_KEYS order."""
+                   best_metrics: dict | None, best_epoch: int | None, history: list[dict],
+                   ema: dict | None) -> dict[str, Any]:
+    """last.pt's dict: :func:`model_state` plus what resuming reads, keys in RESUME_KEYS order.
+
+    ``ema`` is the AveragedModel's state dict with --ema, else None.
+    """
     return {**model_part, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "rng": rng,
-            "best_metrics": best_metrics, "best_epoch": best_epoch, "history": history}
+            "best_metrics": best_metrics, "best_epoch": best_epoch, "history": history, "ema": ema}
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
@@ -117,7 +125,8 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     names = state.get("class_names") or []
     try:
-        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")))
+        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")),
+                            head=cfg.get("head", "classification"), pool=cfg.get("pool", "avg"))
         model.load_state_dict(state["model"])
     except RetinoError:
         raise

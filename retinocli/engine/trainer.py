@@ -28,6 +28,9 @@ from retinocli.config import TrainConfig
 from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
+from retinocli.models.grading import Grader, fit_grader
+from retinocli.models.heads import HeadLoss, rough_grades
+from retinocli.engine.regularize import BatchMix, make_ema
 from retinocli.models.registry import create_model, freeze_backbone, set_train_mode, use_small_stem
 from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from retinocli.rundir import RunDir
@@ -209,10 +212,12 @@ def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, device, autocast,
-                    mean, std, channels_last, progress=None, augment: BatchAugment | None = None) -> dict:
+                    mean, std, channels_last, progress=None, augment: BatchAugment | None = None,
+                    head: str = "classification", mix: BatchMix | None = None, ema=None) -> dict:
     """One pass over the training loader; returns loss, accuracy, images and seconds.
 
-    ``augment`` (already set to this epoch) augments each batch on the device.
+    ``augment`` (already set to this epoch) augments each batch on the device; ``mix``
+    (also set to this epoch) mixes it; ``ema`` is updated after every optimiser step.
     """
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -224,18 +229,25 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
         processed += len(targets)
         x = to_input(images, device, mean, std, channels_last, augment, step)
         y = targets.to(device, non_blocking=True)
+        if mix is not None:
+            x, y_a, y_b, lam = mix(x, y, step)
         with autocast():
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            if mix is not None:
+                loss = lam * criterion(logits.float(), y_a) + (1 - lam) * criterion(logits.float(), y_b)
+            else:
+                loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         valid = y != IGNORE
         n = valid.sum()
         loss_sum += loss.detach() * n
-        correct += ((logits.argmax(1) == y) & valid).sum()
+        correct += ((rough_grades(head, logits) == y) & valid).sum()
         seen += n
         skipped += (~valid).sum()
         if step % LOG_EVERY == 0 or step == len(loader):
@@ -253,27 +265,28 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
 
 @torch.no_grad()
 def predict_loader(model, loader, *, device, autocast, mean, std, channels_last) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, probabilities) over a loader, in the loader's order."""
+    """(targets, raw head outputs) over a loader, in the loader's order (see retinocli.models.grading)."""
     model.eval()
-    targets, probs = [], []
+    targets, outputs = [], []
     for images, y in loader:
         x = to_input(images, device, mean, std, channels_last)
         with autocast():
             logits = model(x)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        outputs.append(logits.float().cpu())
         targets.append(y)
-    if not probs:
+    if not outputs:
         return np.zeros(0, np.int64), np.zeros((0, NUM_GRADES), np.float32)
-    return torch.cat(targets).numpy(), torch.cat(probs).numpy()
+    return torch.cat(targets).numpy(), torch.cat(outputs).numpy()
 
 
-def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
-    """Loss, accuracy, QWK and balanced accuracy over the readable images."""
+def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None) -> dict:
+    """Loss (NLL of the grade probabilities), accuracy, QWK and balanced accuracy over the readable
+    images; ``grader`` turns probabilities into grades (None: argmax)."""
     keep = y != IGNORE
     y, probs = y[keep], probs[keep]
     if len(y) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "qwk": float("nan"), "balanced_accuracy": float("nan")}
-    pred = probs.argmax(1)
+    pred = (grader or Grader()).grades(probs)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
     # plain floats: numpy scalars would not pass the weights_only unpickler
     return {"loss": loss, "accuracy": float(metrics.accuracy(y, pred)),
@@ -376,7 +389,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
 
     # Model
     small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
-    model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small)
+    model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small, head=cfg.head,
+                         pool=cfg.pool)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -387,6 +401,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     core = model
+    ema = make_ema(core, cfg.ema) if cfg.ema > 0 else None  # validated, saved and exported in place of core
+    if ema is not None and state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    mix = BatchMix(mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed, rank=rank) if cfg.mixup or cfg.cutmix else None
+    grader = Grader(cfg.head, NUM_GRADES)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
@@ -396,8 +415,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     weight = class_weights(train_grades, cfg.class_weights)
-    criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
-                                    label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
+    criterion = HeadLoss(cfg.head, weight=weight.to(device) if weight is not None else None,
+                         label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
     mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
 
@@ -415,6 +434,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         torch.set_rng_state(state["rng"]["torch"])
         history = list(state.get("history", []))
         best, best_epoch = state.get("best_metrics"), state.get("best_epoch")
+        grader = Grader.from_dict(state.get("grader")) if state.get("grader") else grader
         start_epoch = int(state["epoch"])
         run_dir = ckpt_path.parent
         if rank == 0:
@@ -450,14 +470,16 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
 
     def checkpoint(epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
         """best.pt's model (MODEL_KEYS); with ``resumable`` also last.pt's training state."""
-        state = model_state(model=core.state_dict(), epoch=epoch, config=cfg.to_dict(),
-                            class_names=list(GRADE_NAMES), preprocess=prep.to_dict(), small_stem=small,
-                            metrics=row_metrics, versions=device_info)
+        served = ema.module if ema is not None else core
+        state = model_state(model=(core if resumable else served).state_dict(), epoch=epoch,
+                            config=cfg.to_dict(), class_names=list(GRADE_NAMES), preprocess=prep.to_dict(),
+                            small_stem=small, metrics=row_metrics, versions=device_info, grader=grader.to_dict())
         if not resumable:
             return state
         return training_state(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                               scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
-                              best_metrics=best, best_epoch=best_epoch, history=history)
+                              best_metrics=best, best_epoch=best_epoch, history=history,
+                              ema=ema.state_dict() if ema is not None else None)
 
     stopped = "completed"
     interrupted = False
@@ -473,6 +495,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 train_sampler.set_epoch(epoch)
                 if batch_augment is not None:
                     batch_augment.set_epoch(epoch)
+                if mix is not None:
+                    mix.set_epoch(epoch)
                 task = None
                 if bar is not None:
                     task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", line_at_stop=True,
@@ -490,19 +514,24 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                 try:
                     tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
                                          device=device, autocast=autocast, mean=mean, std=std,
-                                         channels_last=channels_last, progress=show, augment=batch_augment)
-                    y, probs = predict_loader(model, val_loader, device=device, autocast=autocast, mean=mean,
-                                              std=std, channels_last=channels_last)
+                                         channels_last=channels_last, progress=show, augment=batch_augment,
+                                         head=cfg.head, mix=mix, ema=ema)
+                    y, raw = predict_loader(ema if ema is not None else model, val_loader, device=device,
+                                            autocast=autocast, mean=mean, std=std, channels_last=channels_last)
                 except (RuntimeError, MemoryError) as exc:
                     if not is_out_of_memory(exc):
                         raise
                     raise out_of_memory_error(cfg, len(history), run_dir) from None
                 if ddp:
                     parts = [None] * world
-                    dist.all_gather_object(parts, (y, probs))
+                    dist.all_gather_object(parts, (y, raw))
                     y = np.concatenate([p[0] for p in parts])
-                    probs = np.concatenate([p[1] for p in parts])
-                val = validation_metrics(y, probs)
+                    raw = np.concatenate([p[1] for p in parts])
+                # cut points (regression, ordinal) are fitted on this epoch's validation outputs
+                readable = y != IGNORE
+                grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
+                probs = grader.probabilities(raw)
+                val = validation_metrics(y, probs, grader)
                 unreadable = max(unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
                 row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
                        "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],

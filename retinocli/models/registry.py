@@ -70,8 +70,10 @@ def load_imagenet_state(arch: str, name: str) -> dict[str, torch.Tensor]:
                           f"put {target.name} (from {weights.url}) into {target.parent}") from None
 
 
-def build_model(arch: str, *, num_classes: int = NUM_GRADES, small_stem: bool = False) -> nn.Module:
-    """A torchvision ResNet with a fresh ``num_classes`` head (random weights)."""
+def build_model(arch: str, *, num_classes: int = NUM_GRADES, small_stem: bool = False,
+                head: str = "classification", pool: str = "avg") -> nn.Module:
+    """A torchvision ResNet with a fresh ``head`` for ``num_classes`` grades (random weights);
+    ``pool`` avg or gem (see :mod:`retinocli.models.heads`)."""
     from torchvision.models import get_model
 
     check_arch(arch)
@@ -81,6 +83,10 @@ def build_model(arch: str, *, num_classes: int = NUM_GRADES, small_stem: bool = 
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if head != "classification" or pool != "avg":
+        from retinocli.models.heads import install
+
+        install(model, head=head, pool=pool, num_grades=num_classes)
     return model
 
 
@@ -92,12 +98,12 @@ def use_small_stem(stem: str, img_size: int, pretrained: bool) -> bool:
 
 
 def create_model(arch: str, *, weights: str | None = None, num_classes: int = NUM_GRADES,
-                 small_stem: bool = False) -> nn.Module:
+                 small_stem: bool = False, head: str = "classification", pool: str = "avg") -> nn.Module:
     """Build ``arch`` and load ``weights`` (an ImageNet name or a .pth state dict) into the backbone.
 
     The classification head is always new: ImageNet's 1000 classes are not grades.
     """
-    model = build_model(arch, num_classes=num_classes, small_stem=small_stem)
+    model = build_model(arch, num_classes=num_classes, small_stem=small_stem, head=head, pool=pool)
     if weights is None:
         return model
     if weights.lower().endswith((".pth", ".pt")) or Path(weights).is_file():

@@ -28,6 +28,7 @@ from retinocli import GRADE_NAMES
 from retinocli.reporting import metrics
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.imaging.preprocess import Preprocess, to_batch
+from retinocli.models.grading import Grader
 
 SPLITS = ("train", "val", "test")
 
@@ -45,6 +46,7 @@ class Backend:
     run_dir: Path | None
     info: dict[str, Any] = field(default_factory=dict)  # arch, weights, mode, epoch
     notes: list[str] = field(default_factory=list)
+    grader: Grader = field(default_factory=Grader)  # probabilities -> grades (cut points of #14)
 
 
 def is_onnx(path: str | Path) -> bool:
@@ -69,7 +71,7 @@ def _onnx_backend(path: Path, provider: str, threads: int | None) -> Backend:
                    forward=lambda x: grader.run(x)[1], runtime=grader.provider, run_dir=run_dir,
                    info={"arch": info.arch, "weights": info.weights, "mode": info.mode, "epoch": info.epoch,
                          "precision": info.precision},
-                   notes=list(grader.notes))
+                   notes=list(grader.notes), grader=info.grading)
 
 
 def _run_dir_of(path: Path, info) -> Path | None:
@@ -102,19 +104,20 @@ def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     cfg = state["config"]
+    names = tuple(state.get("class_names") or GRADE_NAMES)
+    grading = Grader.from_dict({"num_grades": len(names), **(state.get("grader") or {})})
 
     @torch.inference_mode()
     def forward(x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(x).to(device, non_blocking=True)
         if channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(model(t).float(), 1).cpu().numpy()
+        return grading.probabilities(model(t).float().cpu().numpy())
 
-    names = tuple(state.get("class_names") or GRADE_NAMES)
     return Backend(kind="checkpoint", path=ckpt, preprocess=Preprocess.from_dict(state["preprocess"]),
                    grade_names=names, forward=forward, runtime=str(device), run_dir=ckpt.parent,
                    info={"arch": cfg.get("arch"), "weights": cfg.get("weights"), "mode": cfg.get("mode"),
-                         "epoch": state.get("epoch"), "precision": "fp32"})
+                         "epoch": state.get("epoch"), "precision": "fp32"}, grader=grading)
 
 
 # ------------------------------------------------------------------------- inference
@@ -269,7 +272,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
                           f"(e.g. {next(iter(scored.errors.items()), ('', ''))[1]})")
     probs, y = scored.probs[ok].astype(np.float64), grades[ok]
     probs /= probs.sum(1, keepdims=True)  # fp16 models: exact normalisation for the AUC ranks
-    pred = probs.argmax(1)
+    pred = backend.grader.grades(scored.probs[ok])  # as predictions.csv and `retino predict` do
     k = len(backend.grade_names)
     summary = metrics.summarize(y, pred, probs, num_classes=k)
     fpr, tpr, _ = metrics.roc_curve(y >= metrics.REFERABLE_GRADE, probs[:, metrics.REFERABLE_GRADE:].sum(1))
@@ -286,7 +289,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     frame = _frame([n for n, good in zip(names, ok) if good], y, pred, probs)
     patients = _clinical_sections(report, frame, k, bootstrap, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(predictions_path, names, scored, grades, backend.grade_names)
+    _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader)
     if patients is not None:
         patients_path.unlink(missing_ok=True)
         atomic_write(patients_path, patients.to_csv(index=False))
@@ -350,7 +353,7 @@ def _rounded(a: np.ndarray) -> list[float]:
 
 
 def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray,
-                       grade_names: tuple[str, ...]) -> None:
+                       grade_names: tuple[str, ...], grader: Grader) -> None:
     """predictions.csv (:mod:`retinocli.deploy.schema`, labelled), written whole and then renamed."""
     from retinocli.deploy import schema
 
@@ -358,7 +361,8 @@ def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.
         writer = schema.RowWriter(fh, schema.columns(len(grade_names), labelled=True))
         writer.header()
         writer.write([schema.make_row(name, p, None if p in scored.errors else row, grade_names, labelled=True,
-                                      true_grade=int(g), error=scored.errors.get(p, ""))
+                                      true_grade=int(g), error=scored.errors.get(p, ""),
+                                      grade=None if p in scored.errors else int(grader.grades(row[None])[0]))
                       for name, p, g, row in zip(names, scored.paths, grades, scored.probs)])
 
     atomic_write(path, write=write)
