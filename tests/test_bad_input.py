@@ -157,7 +157,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("onnx-metadata-format-2", ["{models}/format-2.onnx"], "retino metadata format '2' is not supported"),
         ("onnx-size-unlike-its-graph", ["{models}/size-mismatch.onnx"], "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["{models}/three-grades.onnx"],
-         "output 'logits' has 5 grades, but its metadata names 3"),
+         "output 'logits' has 5 values, but its metadata asks for 3"),
     ],
     "export": [
         ("opset-16", ["{run}", "--opset", "16"], "--opset must be >= 17, got 16"),
@@ -211,7 +211,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("onnx-size-unlike-its-graph", ["--model", "{models}/size-mismatch.onnx"],
          "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["--model", "{models}/three-grades.onnx"],
-         "output 'logits' has 5 grades, but its metadata names 3"),
+         "output 'logits' has 5 values, but its metadata asks for 3"),
     ],
 }
 
@@ -682,7 +682,8 @@ def evaluated_corpus(corpus, slim_run, tmp_path_factory) -> tuple:
     run = Path(shutil.copytree(slim_run, tmp_path_factory.mktemp("eval") / "run"))
     with cwd(run.parent):
         result = invoke(["evaluate", run, "--data", corpus.data, "--split", "test", "--json"],
-                        [corpus.root, run.parent], allowed=[run / "metrics.json", run / "predictions.csv"])
+                        [corpus.root, run.parent],
+                        allowed=[run / "metrics.json", run / "predictions.csv", run / "patients.csv"])
     assert result.exit_code == 0, result.output
     with open(run / "predictions.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
