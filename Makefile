@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/retino report $(DEMO)/runs/train --out reports/demo --force
 	$(BIN)/retino export $(DEMO)/runs/train --force
 	$(BIN)/retino predict $(DEMO)/data/test --model $(DEMO)/runs/train/model.onnx --out $(DEMO)/predictions.csv --force
+	$(BIN)/retino explain $(DEMO)/runs/train $(DEMO)/data/test --out reports/demo/explain --layer layer3 --force
 
 test: install-test
 	$(BIN)/python -m pytest
