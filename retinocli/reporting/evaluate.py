@@ -257,8 +257,8 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     out_dir = Path(out) if out is not None else default_out_dir(backend)
     from retinocli.rundir import RunDir
 
-    metrics_path, predictions_path = RunDir(out_dir).metrics(), RunDir(out_dir).predictions()
-    patients_path = RunDir(out_dir).patients()
+    run = RunDir(out_dir)
+    metrics_path, predictions_path, patients_path = run.metrics(), run.predictions(), run.patients()
     for p in (metrics_path, predictions_path, patients_path):
         if p.exists() and not force:
             raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
@@ -291,7 +291,6 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader)
     if patients is not None:
-        patients_path.unlink(missing_ok=True)
         atomic_write(patients_path, patients.to_csv(index=False))
         report["patients"]["path"] = str(patients_path)
     elif patients_path.exists():  # --force over an evaluation of images that had patients
