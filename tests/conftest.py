@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LONG_PATH = 160  # a clone deep in a cluster home folder: no test may depend on short paths
@@ -40,15 +38,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     own = session.config.stash.get(_OWN_BASETEMP, None)
     if own is not None and exitstatus == 0:
         shutil.rmtree(own, ignore_errors=True)
-
-
-def write_image(path: Path, *, size: int = 32, seed: int = 0, fmt: str | None = None) -> Path:
-    """A small random RGB image; the format follows the extension unless ``fmt`` says."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
-    Image.fromarray(arr).save(path, format=fmt)
-    return path
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ from typer.testing import CliRunner
 
 from retinocli import GRADE_NAMES
 from retinocli.cli import app
-from test_predict import build_model as build_tiny_onnx
-from test_predict import png_claiming
+from builders import build_model as build_tiny_onnx
+from builders import png_claiming
 
 OK = "ok"
 # chmod 000 does not stop root from reading a file: the case cannot be made there.

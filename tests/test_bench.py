@@ -84,7 +84,7 @@ def test_bench_bad_options():
 
 def test_bench_only_pipeline_brings_its_baseline_and_reads_the_cache(tmp_path):
     """--only pipeline times its synthetic baseline too; --data images are re-encoded at the training size."""
-    from conftest import write_image
+    from builders import write_image
 
     for i in range(3):
         write_image(tmp_path / "cache" / f"{i}.png", size=20, seed=i)

@@ -9,8 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retinocli.cli import app
-from test_layouts import course_tree, write_lines
-from test_stats import leaky_dataset
+from builders import course_tree, leaky_dataset, write_lines
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

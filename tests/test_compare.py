@@ -9,7 +9,7 @@ from retinocli.cli import app
 from retinocli.reporting.compare import compare, grid
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
-from test_models import put_imagenet_weights
+from builders import put_imagenet_weights
 
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def test_pretrained_cells_need_their_weights_before_anything_trains(synth_data, 
 
 
 def test_a_missing_test_split_is_refused_before_training(tmp_path):
-    from conftest import write_image
+    from builders import write_image
 
     for grade in range(5):
         for i in range(2):

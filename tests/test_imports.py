@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config",
+TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config", "retinocli.events", "retinocli.machine",
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
               "retinocli.reporting.metrics", "retinocli.reporting.clinical",
               "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints")
@@ -46,3 +46,14 @@ def test_help_does_not_import_torch():
         imported = _imported_after("from typer.testing import CliRunner\nfrom retinocli.cli import app\n"
                                    f"CliRunner().invoke(app, {argv!r})")
         assert "torch" not in imported, argv
+
+
+# library modules that report progress through retinocli.events: usable with no terminal
+RICH_FREE = ("retinocli.events", "retinocli.machine", "retinocli.data.stats", "retinocli.data.synth", "retinocli.imaging.cache",
+             "retinocli.deploy.onnx_model")
+
+
+@pytest.mark.parametrize("module", RICH_FREE)
+def test_library_modules_do_not_import_rich(module):
+    imported = _imported_after(f"import {module}")
+    assert not [m for m in imported if m == "rich" or m.startswith("rich.")], f"{module} pulled in rich"

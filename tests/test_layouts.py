@@ -4,25 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image
+from builders import course_tree, write_image, write_lines
 from retinocli.errors import RetinoError
-from retinocli.data.layouts import detect_layout, load_dataset, parse_patient_eye
-
-
-def write_lines(path: Path, lines: list[str], *, bom: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def course_tree(root: Path) -> Path:
-    write_lines(root / "train_img.csv", ["1_left", "1_right", "2_left", "2_right"])
-    write_lines(root / "train_label.csv", ["0", "2", "4", "4"])
-    write_lines(root / "test_img.csv", ["3_left", "3_right", "2_left"])
-    write_lines(root / "test_label.csv", ["1", "0", "3"])
-    for i, name in enumerate(["1_left.jpeg", "1_right.jpg", "2_left.png", "2_right.jpeg", "3_left.jpeg"]):
-        write_image(root / "data" / name, seed=i)
-    return root
+from retinocli.data.files import parse_patient_eye
+from retinocli.data.layouts import detect_layout, load_dataset
 
 
 def test_course_layout_keeps_every_row_and_finds_extensions(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from builders import put_imagenet_weights
 from retinocli.errors import RetinoError
 from retinocli.models.registry import (ARCHS, build_model, cached_weight_file, create_model, freeze_backbone,
                               parameter_count, set_train_mode, use_small_stem)
@@ -14,18 +15,6 @@ def test_parameter_counts():
     assert parameter_count("resnet18") == 11_689_512 - 513_000 + 2_565
     assert parameter_count("resnet50") == 25_557_032 - 2_049_000 + 10_245
     assert len(ARCHS) == 8
-
-
-def put_imagenet_weights(arch: str, name: str, seed: int = 0) -> dict:
-    """Write a state dict (1000-class head) under the file name torchvision's cache expects."""
-    from torchvision.models import get_model
-
-    torch.manual_seed(seed)
-    state = get_model(arch, weights=None).state_dict()
-    target = cached_weight_file(arch, name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, target)
-    return state
 
 
 def test_pretrained_weights_come_from_the_torch_home_cache(torch_home):

@@ -11,16 +11,14 @@ import csv
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from PIL import Image
 
 from retinocli import GRADE_NAMES
@@ -45,58 +43,9 @@ from retinocli.deploy.onnx_model import (
     set_metadata,
 )
 
-from conftest import write_image
+from builders import B, INFO, SIZE, W, build_model, png_claiming, write_image
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 16
-# Channel means of a normalised image lie in about [-2.1, 2.6]; these weights make the
-# five grades each win for some colour.
-W = np.array([[3.0, -2.0, 0.5, 1.0, -3.0],
-              [-1.0, 2.5, -2.0, 0.0, 2.0],
-              [0.0, -1.0, 3.0, -2.5, 1.0]], np.float32)
-B = np.array([0.1, -0.2, 0.0, 0.3, -0.1], np.float32)
-
-INFO = {
-    "grade_names": list(GRADE_NAMES),
-    "preprocess": Preprocess(size=SIZE, mode="none").to_dict(),
-    "arch": "resnet18", "weights": "imagenet", "mode": "finetune",
-    "run": "exp1", "checkpoint": "best.pt", "checkpoint_sha256": "0123456789abcdef" * 4, "epoch": 7,
-    "metrics": {"qwk": 0.8125, "accuracy": 0.7, "per_class_f1": [0.9, 0.1, 0.5, 0.0, 0.25],
-                "note": "Ünïcode ok"},
-    "precision": "fp32", "version": "0.1.0", "exported": "2024-05-01T12:00:00+00:00",
-}
-
-
-def build_model(path: Path, *, size: int = SIZE, fp16: bool = False, info: dict | None = None,
-                input_name: str = "images", static_size: bool = True) -> Path:
-    """Save the tiny grader; fp16 takes and returns float16 like a half-precision export."""
-    dtype = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
-    side = size if static_size else "side"
-    x = helper.make_tensor_value_info(input_name, dtype, ["batch", 3, side, side])
-    outs = [helper.make_tensor_value_info(n, dtype, ["batch", 5]) for n in ("logits", "probs")]
-    first = input_name
-    nodes = []
-    if fp16:
-        nodes.append(helper.make_node("Cast", [input_name], ["x32"], to=TensorProto.FLOAT))
-        first = "x32"
-    last = ("logits32", "probs32") if fp16 else ("logits", "probs")
-    nodes += [helper.make_node("GlobalAveragePool", [first], ["pooled"]),
-              helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-              helper.make_node("Gemm", ["flat", "W", "B"], [last[0]]),
-              helper.make_node("Softmax", [last[0]], [last[1]], axis=1)]
-    if fp16:
-        nodes += [helper.make_node("Cast", ["logits32"], ["logits"], to=TensorProto.FLOAT16),
-                  helper.make_node("Cast", ["probs32"], ["probs"], to=TensorProto.FLOAT16)]
-    graph = helper.make_graph(nodes, "tiny", [x], outs,
-                              [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads up to 13
-    if info is not False:
-        set_metadata(model, {**INFO, "preprocess": Preprocess(size=size, mode="none").to_dict(),
-                             "precision": "fp16" if fp16 else "fp32", **(info or {})})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,17 +68,6 @@ def grader(model_path) -> OnnxGrader:
 def save(img: Image.Image, path: Path, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **kw)
-    return path
-
-
-def png_claiming(path: Path, width: int, height: int) -> Path:
-    """A real 1x1 PNG whose IHDR (with a valid CRC) claims width x height."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
     return path
 
 

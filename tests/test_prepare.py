@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from builders import write_image
+from retinocli.events import Recorder
 from retinocli.errors import RetinoError
 from retinocli.data.layouts import load_dataset
 from retinocli.imaging.cache import cache_name, prepare
@@ -89,12 +90,12 @@ def test_png_cache_holds_the_exact_pixels_and_every_record(src, png_cache):
 def test_jpeg_cache_is_within_two_grey_levels(src, tmp_path):
     from rich.console import Console
 
-    from retinocli.reporting.render import progress_bar
+    from retinocli.reporting.render import event_bars
 
     console = Console(file=io.StringIO(), width=120)
-    with progress_bar(console, "img") as bar:
-        result = prepare(src, out=tmp_path / "jpeg", size=64, fmt="jpeg", quality=95, workers=1, progress=bar)
-        (task,) = bar.tasks
+    with event_bars(console, "img") as events:
+        result = prepare(src, out=tmp_path / "jpeg", size=64, fmt="jpeg", quality=95, workers=1, events=events)
+        (task,) = events.bar.tasks
         assert (task.description, task.completed, task.total) == ("prepare", 40, 40)
     assert result.written == 40
     cache = by_key(load_dataset(tmp_path / "jpeg").records)
@@ -122,10 +123,13 @@ def test_resume_writes_only_what_is_missing(src, tmp_path):
     # a kill during a write leaves only the temporary file; the final name never appears
     partial = gone[0].with_name(gone[0].name + ".tmp")
     partial.write_bytes(b"\x89PNG\r\n\x1a\n half")
-    calls = []
-    result = prepare(src, out=out, size=32, fmt="png", workers=1, progress=lambda d, t: calls.append((d, t)))
+    seen = Recorder()
+    result = prepare(src, out=out, size=32, fmt="png", workers=1, events=seen)
     assert (result.written, result.skipped, result.count) == (3, 37, 40)
-    assert calls[0] == (37, 40) and calls[-1] == (40, 40) and len(calls) == 4
+    (start,) = seen.of("started", "prepare")
+    assert (start.completed, start.total) == (37, 40)
+    assert len(seen.of("advanced", "prepare")) == 3 and seen.completed("prepare") == 40
+    assert len(seen.of("finished", "prepare")) == 1
     assert not list(out.rglob("*.tmp"))
     for f in files:
         if f in gone:
@@ -142,12 +146,15 @@ def test_resume_writes_only_what_is_missing(src, tmp_path):
 def test_an_interrupted_run_is_unfinished_until_run_again(src, tmp_path):
     out = tmp_path / "cache"
 
-    def stop(done, total):
-        if done == 5:
+    seen = Recorder()
+
+    def stop(event):
+        seen(event)
+        if seen.completed("prepare") == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare(src, out=out, size=32, fmt="jpeg", workers=2, progress=stop)
+        prepare(src, out=out, size=32, fmt="jpeg", workers=2, events=stop)
     assert json.loads((out / "retino-cache.json").read_text())["complete"] is False
     assert not (out / "labels.csv").exists()
     with pytest.raises(RetinoError, match="unfinished retino cache .* run the same retino prepare command again"):
@@ -295,7 +302,7 @@ def test_training_on_the_png_cache_is_bit_identical(src, tmp_path):
 
     from retinocli.engine.checkpoints import load_checkpoint
     from retinocli.engine.trainer import train
-    from test_train import cfg
+    from builders import train_config as cfg
 
     cache = prepare(src, out=tmp_path / "cache", size=32, mode="crop", fmt="png", workers=1).out
     settings = dict(epochs=1, deterministic=True, augment="none", img_size=32, batch_size=8)
@@ -357,7 +364,7 @@ def test_progress_bar_and_summary_give_one_rate(src, tmp_path):
     there, over the time spent on them, not the start-up; the bar ends on that same number."""
     from rich.console import Console
 
-    from retinocli.reporting.render import progress_bar
+    from retinocli.reporting.render import event_bars
 
     data = tmp_path / "data"
     shutil.copytree(src, data)
@@ -367,8 +374,9 @@ def test_progress_bar_and_summary_give_one_rate(src, tmp_path):
     for f in sorted((out / "images").rglob("*.png"))[:10]:
         f.unlink()
     console = Console(file=io.StringIO(), width=200, force_terminal=True)  # the live bar
-    with progress_bar(console, "img") as bar:
-        result = prepare(data, out=out, size=32, fmt="png", workers=1, progress=bar)
+    with event_bars(console, "img") as events:
+        result = prepare(data, out=out, size=32, fmt="png", workers=1, events=events)
+        bar = events.bar
         (task,) = bar.tasks
     assert (result.written, result.skipped, len(result.failed)) == (10, 29, 1)
     assert 0 < result.work_seconds <= result.seconds

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retinocli.data.files import IMAGE_EXTENSIONS
 from retinocli.errors import RetinoError
 from retinocli.imaging.preprocess import (
-    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MODES,
@@ -100,7 +100,7 @@ def test_from_dict_rejects_bad_values_naming_the_field(d, field):
 
 
 def test_constants():
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+    assert set(IMAGE_EXTENSIONS) == {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
     assert MODES == ("none", "crop", "graham")
 
 

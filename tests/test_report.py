@@ -5,75 +5,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
-from retinocli.reporting import metrics
+from builders import history, make_run
 from retinocli.errors import RetinoError
 from retinocli.reporting.report import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
                               confusion_figure, load_run, load_runs, num, params, pct, roc_figure, run_label,
                               split_counts, write_report)
-
-# val split: 74 % grade 0, so always answering No DR scores 74.0 % on validation
-VAL_GRADES = [0] * 37 + [1] * 4 + [2] * 6 + [3] * 2 + [4] * 1
-TEST_GRADES = [0] * 73 + [1] * 7 + [2] * 12 + [3] * 5 + [4] * 3  # majority 73.0 %
-
-
-def history(val_acc, val_qwk, *, train_acc=None, seconds=2.0) -> list[dict]:
-    n = len(val_acc)
-    train_acc = train_acc or [min(0.99, a + 0.05) for a in val_acc]
-    return [{"epoch": e + 1, "seconds": seconds + e % 2, "lr": 1e-3, "train_loss": 1.2 - 0.08 * e,
-             "train_accuracy": train_acc[e], "val_loss": 1.0 - 0.05 * e, "val_accuracy": val_acc[e],
-             "val_qwk": val_qwk[e], "val_balanced_accuracy": 0.3 + 0.02 * e, "images_per_second": 500.0}
-            for e in range(n)]
-
-
-def predictions(skill: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(true, predicted, probs) over TEST_GRADES; skill 0 answers grade 0 for every image."""
-    rng = np.random.default_rng(seed)
-    y = np.array(TEST_GRADES)
-    logits = rng.normal(0, 1, (len(y), 5)) + skill * np.eye(5)[y]
-    logits[:, 0] += 1.0 if skill else 50.0
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    return y, probs.argmax(1), probs
-
-
-def make_run(root: Path, name: str, *, arch="resnet18", weights="DEFAULT", mode="finetune", hist=None,
-             skill: float | None = None, select_metric="qwk", parameters: int | None = 11_689_512,
-             epochs: int | None = None, val_grades=VAL_GRADES, eval_split="test") -> Path:
-    """A run folder as retino train (and, when skill is given, retino evaluate) would leave it.
-
-    ``eval_split`` only names the split in metrics.json; the scores are always over TEST_GRADES.
-    """
-    run = root / name
-    run.mkdir(parents=True)
-    hist = hist or history([0.70, 0.76, 0.78], [0.20, 0.55, 0.50])
-    config = {"arch": arch, "weights": weights, "pretrained": weights is not None, "mode": mode, "img_size": 224,
-              "epochs": epochs or len(hist), "batch_size": 32, "name": name, "select_metric": select_metric,
-              "learning_rate": 3e-4, "versions": {"device": "cpu"},
-              "dataset": {"root": str(root / "data"), "layout": "course"}}
-    if parameters is not None:
-        config["parameters"] = parameters
-    (run / "config.json").write_text(json.dumps(config))
-    pd.DataFrame(hist).to_csv(run / "history.csv", index=False)
-    rows = [(f"tr{i}", g, "train") for i, g in enumerate(VAL_GRADES * 4)]
-    rows += [(f"va{i}", g, "val") for i, g in enumerate(val_grades)]
-    rows += [(f"te{i}", g, "test") for i, g in enumerate(TEST_GRADES)]
-    pd.DataFrame([{"image": i, "path": f"/data/{i}.jpeg", "grade": g, "split": s, "patient": i, "eye": "left"}
-                  for i, g, s in rows]).to_csv(run / "split.csv", index=False)
-    if skill is not None:
-        y, pred, probs = predictions(skill, seed=len(name))
-        fpr, tpr, _ = metrics.roc_curve(y >= 2, probs[:, 2:].sum(1))
-        (run / "metrics.json").write_text(json.dumps({
-            "model": str(run / "best.pt"), "kind": "checkpoint", "run": str(run), "arch": arch, "weights": weights,
-            "mode": mode, "epoch": 2, "data": "data", "split": eval_split, "tta": False, "runtime": "cpu",
-            "n_images": len(y), "n_unreadable": 0, "seconds": 1.5,
-            "grade_names": ["No DR", "Mild", "Moderate", "Severe", "Proliferative"],
-            "metrics": metrics.summarize(y, pred, probs),
-            "referable_roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}))
-    return run
 
 
 def table(md: str, heading: str) -> dict[str, dict[str, str]]:

@@ -25,8 +25,7 @@ from retinocli.deploy.predict import predict_folder
 from retinocli.reporting.report import load_run, write_report
 from retinocli.deploy.onnx_model import OnnxGrader
 
-from test_predict import build_model
-from test_report import make_run, predictions
+from builders import build_model, make_run, predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

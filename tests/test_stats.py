@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_image
+from builders import leaky_dataset, write_lines
 from retinocli.data.layouts import load_dataset
 from retinocli.data.stats import balance_chart, dataset_stats, grade_balance, plot_balance, warnings
-from test_layouts import write_lines
 
 
 def test_grade_balance_numbers():
@@ -18,22 +17,6 @@ def test_grade_balance_numbers():
     assert b["shares"][2] == pytest.approx(0.15)
     assert grade_balance([2, 2, None])["absent_grades"] == [0, 1, 3, 4]
     assert grade_balance([])["majority_accuracy"] is None
-
-
-def leaky_dataset(root):
-    # patient 1 has one eye in each split; 2_left is listed in both splits; 4_right twice in train;
-    # 5_left and 6_left are byte-identical files in different splits.
-    write_lines(root / "train_img.csv", ["1_left", "2_left", "3_left", "3_right", "4_right", "4_right", "5_left", "7_left"])
-    write_lines(root / "train_label.csv", ["0", "0", "1", "2", "0", "0", "3", "0"])
-    write_lines(root / "test_img.csv", ["1_right", "2_left", "6_left", "8_left"])
-    write_lines(root / "test_label.csv", ["0", "0", "3", "4"])
-    for i, name in enumerate(["1_left", "1_right", "2_left", "3_left", "3_right", "4_right", "5_left"]):
-        write_image(root / "data" / f"{name}.jpeg", seed=i, size=40)
-    (root / "data" / "6_left.jpeg").write_bytes((root / "data" / "5_left.jpeg").read_bytes())
-    (root / "data" / "7_left.jpeg").write_bytes(b"")  # zero bytes
-    good = (root / "data" / "3_left.jpeg").read_bytes()
-    (root / "data" / "8_left.jpeg").write_bytes(good[: len(good) // 2])  # truncated
-    return root
 
 
 def test_stats_leakage_and_broken_files(tmp_path):

@@ -179,9 +179,12 @@ def test_masks_mark_the_lesions_and_leave_the_images_unchanged(tmp_path: Path) -
     assert sorted(p.stem for p in masks.iterdir()) == sorted(names)
 
 def test_progress_counts_every_image(tmp_path: Path) -> None:
-    seen: list[int] = []
-    generate(tmp_path / "data", n=12, size=16, progress=seen.append)
-    assert seen == list(range(1, 13))
+    from retinocli.events import Recorder
+
+    seen = Recorder()
+    generate(tmp_path / "data", n=12, size=16, events=seen)
+    assert [e.kind for e in seen.events] == ["started"] + ["advanced"] * 12 + ["finished"]
+    assert seen.events[0].total == 12 and seen.completed("drawing fundus images") == 12
 
 
 def test_zero_test_fraction_writes_an_empty_test_split(tmp_path: Path) -> None:

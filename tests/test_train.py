@@ -18,17 +18,11 @@ from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
 from retinocli.rundir import HISTORY_FIELDS
 from retinocli.engine.trainer import is_out_of_memory, out_of_memory_error, train, with_index
-from test_models import put_imagenet_weights
+from builders import put_imagenet_weights
+from builders import train_config as cfg
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cfg(data, tmp_path, **kw) -> TrainConfig:
-    base = dict(data=str(data), img_size=32, epochs=2, batch_size=16, workers=0, project=str(tmp_path / "runs"),
-                augment="none")
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_training_beats_the_majority_baseline(trained_run):

@@ -167,11 +167,8 @@ def stats(
         ds = load_dataset(data, layout=layout, images=images, csv=csv,
                           image_col=image_col, label_col=label_col)
         out = console if not json_out else err_console
-        with display.progress_bar(out, transient=True) as bar:
-            task = bar.add_task("checking images", total=None, postfix="")
-            result = stats_mod.dataset_stats(
-                ds, sample=None if full else sample, seed=seed,
-                progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with display.event_bars(out, transient=True) as events:
+            result = stats_mod.dataset_stats(ds, sample=None if full else sample, seed=seed, events=events)
         found = stats_mod.warnings(result)
         result["warnings"] = found
         if plot is not None:
@@ -201,10 +198,9 @@ def synth(
     from retinocli.reporting import render as display
 
     with user_errors():
-        with display.progress_bar(err_console if json_out else console, transient=True) as bar:
-            task = bar.add_task("drawing fundus images", total=n, postfix="")
+        with display.event_bars(err_console if json_out else console, transient=True) as events:
             summary = synth_mod.generate(out, n=n, size=size, seed=seed, test_fraction=test_fraction,
-                                         force=force, masks=masks, progress=lambda k: bar.update(task, completed=k))
+                                         force=force, masks=masks, events=events)
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
@@ -570,9 +566,9 @@ def prepare(
     shown = err_console if json_out else console
     with user_errors():
         try:
-            with display.progress_bar(shown, "img") as bar:
+            with display.event_bars(shown, "img") as events:
                 result = run_prepare(data, out=out, size=size, mode=mode, layout=layout, images=images, fmt=fmt,
-                                     quality=quality, workers=workers, force=force, progress=bar)
+                                     quality=quality, workers=workers, force=force, events=events)
         except KeyboardInterrupt:
             raise RetinoError(f"interrupted; run the same command again to finish {out}") from None
     if json_out:
@@ -669,9 +665,9 @@ def explain(
 
     shown = err_console if json_out else console
     with user_errors():
-        with display.progress_bar(shown, "img", transient=True) as bar:
+        with display.event_bars(shown, "img", transient=True) as events:
             result = run_explain(model, inputs, out, grade=grade, method=method, layer=layer, device=device,
-                                 force=force, progress=bar)
+                                 force=force, events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.errors import RetinoError
+from retinocli.events import EventsLike, emitter
+from retinocli.machine import decode_threads
 from retinocli.data.layouts import Dataset
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+CHECKING = "checking images"  # the progress task of dataset_stats
 EXAMPLES = 10  # how many offending names a report lists; the counts are always complete
 
 
@@ -126,7 +128,7 @@ def _leakage(records, checked: list[dict]) -> dict:
 
 
 def dataset_stats(ds: Dataset, *, sample: int | None = 200, seed: int = 0, threads: int | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+                  events: EventsLike = None) -> dict:
     """Everything ``retino stats`` reports about a dataset.
 
     Args:
@@ -134,7 +136,7 @@ def dataset_stats(ds: Dataset, *, sample: int | None = 200, seed: int = 0, threa
         sample: how many existing images to open and check (seeded); None opens all.
         seed: which images the sample takes.
         threads: decoding threads (PIL releases the GIL while decoding).
-        progress: called with (done, total) as images are checked.
+        events: a listener for progress (task "checking images"), see :mod:`retinocli.events`.
     """
     rec = ds.records
     splits = {}
@@ -150,12 +152,14 @@ def dataset_stats(ds: Dataset, *, sample: int | None = 200, seed: int = 0, threa
         existing.sample(n=sample, random_state=seed)
     paths = sorted(to_check["path"])
     checked: list[dict] = []
-    workers = threads or min(8, (os.cpu_count() or 2) * 2)
+    workers = threads or decode_threads()
+    say = emitter(events)
+    say.started(CHECKING, total=len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for info in pool.map(lambda p: inspect_image(p, digest=True), paths):
             checked.append(info)
-            if progress:
-                progress(len(checked), len(paths))
+            say.advanced(CHECKING)
+    say.finished(CHECKING)
     good = [c for c in checked if "error" not in c]
     missing = rec[~rec["found"]]
     files = {

@@ -30,7 +30,8 @@ import numpy as np
 
 from retinocli.deploy import schema
 from retinocli.errors import RetinoError
-from retinocli.data.layouts import IMAGE_EXTENSIONS
+from retinocli.data.files import IMAGE_EXTENSIONS
+from retinocli.machine import decode_threads
 from retinocli.reporting.metrics import REFERABLE_GRADE
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
@@ -40,11 +41,6 @@ if TYPE_CHECKING:
     from retinocli.deploy.onnx_model import OnnxGrader
 
 _ERROR_EXAMPLES = 5
-
-
-def default_threads() -> int:
-    """Decode threads when not given: one per core, at most 8 (PIL releases the GIL)."""
-    return min(8, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- finding
@@ -172,7 +168,7 @@ def decode_batches(paths: Iterable, preprocess: Preprocess, *, batch_size: int =
     window = batch_size * (max(0, prefetch) + 1)
     pending: deque[tuple[Any, Future]] = deque()
     size = preprocess.size
-    pool = ThreadPoolExecutor(max_workers=threads or default_threads(),
+    pool = ThreadPoolExecutor(max_workers=threads or decode_threads(),
                               thread_name_prefix="retino-decode")
     try:
         def top_up() -> None:

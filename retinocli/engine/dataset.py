@@ -8,7 +8,6 @@ training device, which moves four times fewer bytes than float32 would.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -203,11 +202,6 @@ def sample_weights(grades: list[int]) -> list[float]:
     """Per-image weights that make every grade equally likely to be drawn."""
     counts = class_counts(grades)
     return [1.0 / counts[g] for g in grades]
-
-
-def default_workers(device_type: str) -> int:
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device_type == "cuda" else min(4, max(0, cores - 1))
 
 
 def make_loader(dataset: FundusDataset, sampler: EpochSampler, *, batch_size: int, workers: int,

@@ -25,13 +25,14 @@ from retinocli.reporting import metrics
 from retinocli.engine.augment import BatchAugment
 from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.config import TrainConfig
-from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
+from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights,
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
 from retinocli.models.grading import Grader, fit_grader
 from retinocli.models.heads import HeadLoss, rough_grades
 from retinocli.engine.regularize import BatchMix, make_ema
 from retinocli.models.registry import create_model, freeze_backbone, set_train_mode, use_small_stem
+from retinocli.machine import loader_workers
 from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from retinocli.rundir import RunDir
 
@@ -366,7 +367,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=rank) if on_device else None
     val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
-    workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
+    workers = cfg.workers if cfg.workers is not None else loader_workers(device.type)
     weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
     train_sampler = EpochSampler(len(train_set), seed=cfg.seed, weights=weights, rank=rank, world=world)
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world=world, pad=False)

@@ -40,19 +40,20 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
 from retinocli import __version__
 from retinocli.errors import RetinoError
-from retinocli.data.layouts import (CACHE_FORMAT, CACHE_LABELS, CACHE_MANIFEST, IMAGE_EXTENSIONS, Dataset,
-                               load_dataset, read_cache_manifest)
+from retinocli.data.files import IMAGE_EXTENSIONS
+from retinocli.data.layouts import (CACHE_FORMAT, CACHE_LABELS, CACHE_MANIFEST, Dataset,
+                                    load_dataset, read_cache_manifest)
+from retinocli.events import Emitter, EventsLike, emitter
+from retinocli.machine import process_workers
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
-if TYPE_CHECKING:
-    from rich.progress import Progress
-
+TASK = "prepare"  # the progress task of prepare
 FORMATS: dict[str, str] = {"png": ".png", "jpeg": ".jpg"}
 LABEL_COLUMNS = ("image", "file", "grade", "split", "patient", "eye", "source")
 IMAGES_DIR = "images"
@@ -107,7 +108,7 @@ class PrepareResult:
 def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "crop",
             layout: str | None = None, images: str | Path | None = None, fmt: str = "jpeg",
             quality: int = 95, workers: int | None = None, force: bool = False,
-            progress: Progress | Callable[[int, int], None] | None = None) -> PrepareResult:
+            events: EventsLike = None) -> PrepareResult:
     """Write ``data``'s images, preprocessed, into the cache folder ``out``.
 
     Args:
@@ -121,8 +122,9 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
         workers: processes decoding in parallel; default one per core; 1 works in-process.
         force: rebuild ``out`` from scratch (a cache of other settings, or a non-empty folder:
             only its images/, labels.csv and retino-cache.json are replaced).
-        progress: a rich Progress (a "prepare" task is added and advanced per image) or a
-            callable taking (done, total).
+        events: a listener for progress: task "prepare", started with the images already in
+            the cache as done, advanced per image with the running ``rate`` in its fields
+            (see :mod:`retinocli.events`).
 
     Raises:
         RetinoError: bad settings, an unreadable dataset, or ``out`` holds something else.
@@ -134,7 +136,7 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
         raise RetinoError(f"unknown image format {fmt!r}; choose {' or '.join(FORMATS)}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise RetinoError(f"--quality must be an integer from 1 to 100, got {quality!r}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = process_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise RetinoError(f"--workers must be 0 or more, got {workers!r}")
 
@@ -153,7 +155,8 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
     todo = [(file, src) for file, src in jobs.items() if not (out / file).is_file()]
     skipped = len(jobs) - len(todo)
     rate = Rate()
-    reasons = _write_all(todo, out, prep, fmt, quality, workers, _ticker(progress, len(jobs), skipped, rate))
+    reasons = _write_all(todo, out, prep, fmt, quality, workers, _ticker(emitter(events), len(jobs), skipped, rate))
+    emitter(events).finished(TASK, rate=rate.per_second)
 
     failed, rows, reported = [], [], set()
     for rec, file in planned:
@@ -343,30 +346,19 @@ class Rate:
         return round(self.done / self.seconds, 2) if self.done and self.seconds > 0 else 0.0
 
 
-def _ticker(progress, total: int, done: int, rate: Rate) -> Callable[[], None]:
+def _ticker(say: Emitter, total: int, done: int, rate: Rate) -> Callable[[], None]:
     """One call per image finished; images already in the cache count as done from the start.
 
-    A rich Progress task carries ``rate`` in its fields, which :func:`retinocli.reporting.render.progress_bar`
-    shows instead of rich's own estimate, so the bar ends on the number the summary prints.
+    Each step carries ``rate``, which the CLI's bar shows instead of its own estimate, so the bar
+    ends on the number the summary prints.
     """
-    if progress is None:
-        return rate.tick
-    if hasattr(progress, "add_task"):
-        task = progress.add_task("prepare", total=total, completed=done, postfix="", rate=None)
+    say.started(TASK, total=total, completed=done, rate=None)
 
-        def tick() -> None:
-            rate.tick()
-            progress.update(task, advance=1, rate=rate.per_second)
-
-        return tick
-    count = itertools.count(done + 1)
-    progress(done, total)
-
-    def call() -> None:
+    def tick() -> None:
         rate.tick()
-        progress(next(count), total)
+        say.advanced(TASK, 1, rate=rate.per_second)
 
-    return call
+    return tick
 
 
 def write_image(src: str, dst: str, size: int, mode: str, fmt: str, quality: int) -> str | None:

@@ -22,11 +22,9 @@ import numpy as np
 from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 from retinocli.errors import RetinoError
-from retinocli.data.layouts import IMAGE_EXTENSIONS as _EXTENSIONS_BY_PREFERENCE
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(_EXTENSIONS_BY_PREFERENCE)
 
 MODES: tuple[str, ...] = ("none", "crop", "graham")
 INTERPOLATIONS: dict[str, Image.Resampling] = {

@@ -36,7 +36,6 @@ clock is read. Nothing here is asserted: targets live in BENCHMARKS.md.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import tempfile
 import time
@@ -49,6 +48,7 @@ import numpy as np
 
 from retinocli.errors import RetinoError
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
+from retinocli.machine import cores
 
 
 @dataclass
@@ -169,7 +169,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor() or
-           platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+           platform.machine(), "cores": cores(), "torch": torch.__version__, "onnxruntime": ort.__version__,
            "torch_threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -248,7 +248,7 @@ def bench_data(paths: list[Path], size: int, label: str, min_seconds: float) -> 
     rows = [Row("data", base, "cpu", 1, 1, size, timed(per_image, min_seconds=min_seconds))]
     for name, p in ((f"{DATA_RETINO}, {label}", prep), (f"{DATA_RETINO_CROP}, {label}", crop)):
         rows.append(Row("data", name, "cpu", 1, 1, size, timed(retino(p), min_seconds=min_seconds), baseline=base))
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cores())
     return rows
 
 
@@ -405,7 +405,7 @@ def pipeline_images(source: Path | None, size: int, folder: Path, n: int) -> lis
             im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(out, quality=95)
             return out
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=cores()) as pool:
         return list(pool.map(convert, enumerate(found)))
 
 
@@ -540,7 +540,7 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
             except RetinoError as exc:
                 notes.append(f"onnxruntime {provider} {precision} batch {batch}: {exc}")
                 continue
-            threads = ort.SessionOptions().intra_op_num_threads or (os.cpu_count() or 1)
+            threads = ort.SessionOptions().intra_op_num_threads or cores()
             rows.append(Row("infer", onnx_infer_name(arch, precision, provider), grader.provider, threads,
                             batch, size, rate, baseline=base))
     model.to("cpu")
@@ -593,7 +593,8 @@ def _forward(model, x, autocast=None) -> Callable[[], int]:
 
 def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp: Path) -> Row:
     """``predict_folder`` end to end: decode threads + inference + CSV."""
-    from retinocli.deploy.predict import default_threads, predict_folder
+    from retinocli.deploy.predict import predict_folder
+    from retinocli.machine import decode_threads
     from retinocli.deploy.onnx_model import OnnxGrader
 
     grader = OnnxGrader(model_path, provider=provider)
@@ -601,7 +602,7 @@ def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp
     predict_folder(folder, grader, out=out, batch_size=batch, force=True)  # warm-up
     summary = predict_folder(folder, grader, out=out, batch_size=batch, force=True)
     return Row("infer", predict_name(provider, grader.info.precision), grader.provider,
-               default_threads(), batch, grader.info.preprocess.size, summary.images_per_second or 0.0)
+               decode_threads(), batch, grader.info.preprocess.size, summary.images_per_second or 0.0)
 
 
 # ---------------------------------------------------------------------------- main
@@ -611,7 +612,7 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
     """Measure everything ``plan`` asks for; see the module doc."""
     import torch
 
-    from retinocli.engine.dataset import default_workers
+    from retinocli.machine import loader_workers
     from retinocli.engine.trainer import pick_device
 
     unknown = sorted(set(plan.sections) - set(SECTIONS))
@@ -662,7 +663,7 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
                 rows += bench_train(arch, train_size, train_batch(arch), device, compile_too=plan.compile,
                                     min_seconds=min_s, variants=variants)
         if "pipeline" in wanted:
-            workers = plan.workers if plan.workers is not None else (0 if plan.quick else default_workers(device.type))
+            workers = plan.workers if plan.workers is not None else (0 if plan.quick else loader_workers(device.type))
             files = pipeline_images(plan.cache, train_size, tmp / "pipeline", 16 if plan.quick else 1024)
             for arch in archs:
                 for augment in AUGMENTS:

@@ -30,7 +30,7 @@ from numpy.typing import ArrayLike
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.reporting import metrics
 from retinocli.errors import RetinoError
-from retinocli.data.layouts import parse_patient_eye
+from retinocli.data.files import parse_patient_eye
 from retinocli.reporting.metrics import REFERABLE_GRADE
 from retinocli.deploy.schema import (CONFIDENCE, GRADE_NAME, IMAGE, PREDICTED_GRADE, REFERABLE_PROB,
                               STATUS, TRUE_GRADE, OK, prob_column)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from retinocli.errors import RetinoError
+from retinocli.events import EventsLike, emitter
 
 # --method name -> torchcam.methods class. Each works on any torchvision ResNet and accepts a
 # target function; CAM (fc weights only) and the LeGrad/FinerCAM family do not fit that contract.
@@ -37,6 +38,7 @@ METHODS: dict[str, str] = {
     "layercam": "LayerCAM",
     "scorecam": "ScoreCAM",
 }
+TASK = "explain"  # the progress task of explain
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 SHEET = "contact-sheet.png"
 SHEET_MAX = 60  # overlays on the contact sheet; beyond that it is unreadable anyway
@@ -166,7 +168,7 @@ def explain(
     layer: str = "layer4",
     device: str = "auto",
     force: bool = False,
-    progress=None,
+    events: EventsLike = None,
 ) -> ExplainResult:
     """Heatmaps of what raised a grade's score, one overlay PNG per image plus a contact sheet.
 
@@ -179,7 +181,7 @@ def explain(
         layer: The ResNet stage whose last block is explained (``layer4`` by default).
         device: auto, cpu, cuda, cuda:N, mps.
         force: Write into a folder that already has files.
-        progress: A rich Progress-like object (``add_task``/``update``), or None.
+        events: A listener for progress (task "explain", one step per image), see :mod:`retinocli.events`.
 
     Returns:
         The settings used and an :class:`Explanation` per image in input order; an image that
@@ -195,12 +197,10 @@ def explain(
     _check_out(out, force)
     paths = _inputs([Path(p) for p in inputs])
 
-    import torch
     import torchcam.methods
-    from PIL import Image
 
     from retinocli.engine.checkpoints import load_trained
-    from retinocli.imaging.preprocess import Preprocess, load_and_prepare, normalize
+    from retinocli.imaging.preprocess import Preprocess
     from retinocli.engine.trainer import pick_device
     from retinocli.rundir import RunDir
 
@@ -212,44 +212,23 @@ def explain(
     pre = Preprocess.from_dict(state["preprocess"])
     dev = pick_device(device)
     net.to(dev)
-    layer_module = target_layer(net, layer)
     out.mkdir(parents=True, exist_ok=True)
 
+    say = emitter(events)
+    say.started(TASK, total=len(paths))
     explanations: list[Explanation] = []
     cells = None
-    task = progress.add_task("explain", total=len(paths), postfix="") if progress is not None else None
     start = time.perf_counter()
-    extractor = getattr(torchcam.methods, METHODS[method])(net, target_layer=layer_module,
+    extractor = getattr(torchcam.methods, METHODS[method])(net, target_layer=target_layer(net, layer),
                                                            input_shape=(3, pre.size, pre.size))
     with extractor:
         for path, stem in zip(paths, _names(paths)):
-            try:
-                pixels = load_and_prepare(path, pre)
-            except RetinoError as exc:
-                explanations.append(Explanation(image=str(path), status="error", error=str(exc)))
-            else:
-                x = torch.from_numpy(normalize(pixels, pre))[None].to(dev)
-                with torch.enable_grad():
-                    logits = net(x)
-                    probs = torch.softmax(logits.detach().float(), 1)[0].cpu().numpy()
-                    predicted = int(probs.argmax())
-                    target = predicted if grade is None else grade
-                    cam = extractor(targets=grade_target(target), scores=logits)[0]
-                cells = int(cam.shape[-1])
-                heat = torch.nn.functional.interpolate(cam[None].float(), size=(pre.size, pre.size),
-                                                       mode="bilinear", align_corners=False)[0, 0]
-                heat = heat.clamp(0, 1).cpu().numpy()
-                peak_y, peak_x = np.unravel_index(int(heat.argmax()), heat.shape)
-                target_file = out / f"{stem}.png"
-                Image.fromarray(overlay(pixels, heat)).save(target_file)
-                explanations.append(Explanation(
-                    image=str(path), status="ok", predicted_grade=predicted, grade_name=names[predicted],
-                    probability=float(probs[predicted]), explained_grade=target,
-                    explained_probability=float(probs[target]), peak_x=int(peak_x), peak_y=int(peak_y),
-                    overlay=str(target_file), heatmap=heat))
-            if task is not None:
-                progress.update(task, advance=1)
+            explanation, shape = _explain_one(net, extractor, path, out / f"{stem}.png", pre, dev, grade, names)
+            explanations.append(explanation)
+            cells = shape or cells
+            say.advanced(TASK)
     seconds = time.perf_counter() - start
+    say.finished(TASK)
 
     notes = []
     if cells is not None and cells <= 2:  # one cell per quadrant: no lesion can be pointed at
@@ -266,6 +245,37 @@ def explain(
                          size=pre.size, cells=cells, device=str(dev), out=str(out),
                          contact_sheet=str(sheet) if sheet else None, explanations=explanations,
                          seconds=seconds, notes=notes)
+
+
+def _explain_one(net, extractor, path: Path, target_file: Path, pre, dev, grade: int | None,
+                 names: list[str]) -> tuple[Explanation, int | None]:
+    """One image's overlay, written to ``target_file``, and the heatmap's side in cells (None: unreadable)."""
+    import torch
+    from PIL import Image
+
+    from retinocli.imaging.preprocess import load_and_prepare, normalize
+
+    try:
+        pixels = load_and_prepare(path, pre)
+    except RetinoError as exc:
+        return Explanation(image=str(path), status="error", error=str(exc)), None
+    x = torch.from_numpy(normalize(pixels, pre))[None].to(dev)
+    with torch.enable_grad():
+        logits = net(x)
+        probs = torch.softmax(logits.detach().float(), 1)[0].cpu().numpy()
+        predicted = int(probs.argmax())
+        target = predicted if grade is None else grade
+        cam = extractor(targets=grade_target(target), scores=logits)[0]
+    heat = torch.nn.functional.interpolate(cam[None].float(), size=(pre.size, pre.size),
+                                           mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.clamp(0, 1).cpu().numpy()
+    peak_y, peak_x = np.unravel_index(int(heat.argmax()), heat.shape)
+    Image.fromarray(overlay(pixels, heat)).save(target_file)
+    return Explanation(
+        image=str(path), status="ok", predicted_grade=predicted, grade_name=names[predicted],
+        probability=float(probs[predicted]), explained_grade=target,
+        explained_probability=float(probs[target]), peak_x=int(peak_x), peak_y=int(peak_y),
+        overlay=str(target_file), heatmap=heat), int(cam.shape[-1])
 
 
 def contact_sheet(explanations: list[Explanation], names: list[str], path: Path) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -191,6 +193,42 @@ class PlainProgress:
         task.done = not partial
         # soft_wrap: a log line is never cut or folded at the console width
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+class EventBars:
+    """Draws :mod:`retinocli.events` from library code: each task on the bar, messages as lines."""
+
+    PREFIX = {"note": "[yellow]note:[/] ", "warning": "[bold yellow]warning:[/] "}
+
+    def __init__(self, bar, console: Console):
+        self.bar, self.console = bar, console
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, event) -> None:
+        if event.kind == "message":
+            self.console.print(self.PREFIX.get(event.level, "") + escape(event.text), highlight=False, soft_wrap=True)
+            return
+        fields = {k: v for k, v in event.fields.items()}
+        if event.kind == "started" or event.task not in self.ids:
+            fields.setdefault("postfix", "")
+            self.ids[event.task] = self.bar.add_task(event.task, total=event.total,
+                                                     completed=event.completed or 0, **fields)
+            if event.kind == "started":
+                return
+        task = self.ids[event.task]
+        if event.kind == "advanced":
+            self.bar.update(task, advance=event.advance or None, completed=event.completed,
+                            total=event.total, **fields)
+        else:  # finished
+            self.bar.update(task, **fields)
+            self.bar.stop_task(task)
+
+
+@contextmanager
+def event_bars(console: Console, unit: str = "img", *, transient: bool = False) -> Iterator[EventBars]:
+    """A listener for library events, drawn on :func:`progress_bar` for the length of the block."""
+    with progress_bar(console, unit, transient=transient) as bar:
+        yield EventBars(bar, console)
 
 
 def render_training(result, console: Console) -> None:
