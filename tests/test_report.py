@@ -10,9 +10,11 @@ from PIL import Image
 
 from builders import history, make_run
 from retinocli.errors import RetinoError
-from retinocli.reporting.report import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
-                              confusion_figure, load_run, load_runs, num, params, pct, roc_figure, run_label,
-                              split_counts, write_report)
+from retinocli.reporting.figures import (BASELINE_STYLE, DPI, FIGSIZE, PALETTE, balance_figure, comparison_figure,
+                                         confusion_figure, roc_figure, split_counts)
+from retinocli.reporting.numbers import num, params, pct
+from retinocli.reporting.report import write_report
+from retinocli.reporting.runs import load_run, load_runs, run_label
 
 
 def table(md: str, heading: str) -> dict[str, dict[str, str]]:
@@ -234,7 +236,7 @@ def test_what_differs_between_runs_in_the_table_the_json_and_the_cli(tmp_path):
     from typer.testing import CliRunner
 
     from retinocli.cli import app
-    from retinocli.reporting.report import settings_that_differ
+    from retinocli.reporting.runs import settings_that_differ
 
     a = make_run(tmp_path, "a")
     b = make_run(tmp_path, "b", arch="resnet50", weights=None)

@@ -22,7 +22,8 @@ from retinocli.cli import app
 from retinocli.errors import RetinoError
 from retinocli.reporting.evaluate import evaluate
 from retinocli.deploy.predict import predict_folder
-from retinocli.reporting.report import load_run, write_report
+from retinocli.reporting.report import write_report
+from retinocli.reporting.runs import load_run
 from retinocli.deploy.onnx_model import OnnxGrader
 
 from builders import build_model, make_run, predictions

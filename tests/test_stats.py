@@ -67,7 +67,7 @@ def test_sample_limits_images_checked(tmp_path):
 def test_balance_chart_is_the_report_chart(tmp_path):
     from PIL import Image
 
-    from retinocli.reporting.report import DPI, FIGSIZE, grade_label
+    from retinocli.reporting.figures import DPI, FIGSIZE, grade_label
 
     s = dataset_stats(load_dataset(leaky_dataset(tmp_path / "lab")), sample=0)
     fig = balance_chart(s)

@@ -120,7 +120,7 @@ def check_output_file(path: Path | None, force: bool) -> None:
 
 def _print_differences(differences: dict[str, dict]) -> None:
     """A line per run naming the settings it does not share with the others."""
-    from retinocli.reporting.report import describe_settings
+    from retinocli.reporting.runs import describe_settings
 
     if differences:
         console.print("What differs between the runs:")

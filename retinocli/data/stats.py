@@ -218,7 +218,7 @@ def warnings(stats: dict) -> list[str]:
 
 def balance_chart(stats: dict) -> Figure:
     """The class-balance chart of :func:`dataset_stats`' result: report's :func:`balance_figure`."""
-    from retinocli.reporting.report import balance_figure
+    from retinocli.reporting.figures import balance_figure
 
     counts = {split: s["counts"] for split, s in stats["splits"].items() if s["labelled"]}
     return balance_figure(counts or {"all": stats["overall"]["counts"]},
@@ -227,7 +227,7 @@ def balance_chart(stats: dict) -> Figure:
 
 def plot_balance(stats: dict, out: str | Path) -> Path:
     """Save :func:`balance_chart` as a PNG (``retino stats --plot``)."""
-    from retinocli.reporting.report import DPI
+    from retinocli.reporting.figures import DPI
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ class CompareResult:
     evaluated_split: str
     done: list[str] = field(default_factory=list)  # what happened to each cell
     notes: list[str] = field(default_factory=list)
-    # per run name, the settings not the same in every run (report.settings_that_differ)
+    # per run name, the settings not the same in every run (runs.settings_that_differ)
     differences: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -111,13 +111,13 @@ def gallery_figure(rows: pd.DataFrame, overlays: dict[str, object], title: str) 
 
 
 def write_galleries(runs: list, out: Path, *, size: int = DEFAULT_SIZE, device: str = "auto") -> GalleryResult:
-    """The galleries of every evaluated run in ``runs`` (report.RunSummary), PNGs in ``out``.
+    """The galleries of every evaluated run in ``runs`` (runs.RunSummary), PNGs in ``out``.
 
     A run that cannot have one (no predictions.csv, no torch checkpoint, no readable image,
     a model torchcam cannot explain) gets a one-line note instead; nothing is raised for it.
     """
     from retinocli.deploy import schema
-    from retinocli.reporting.report import DPI
+    from retinocli.reporting.figures import DPI
 
     if size < 1:
         raise RetinoError(f"--gallery-size must be at least 1, got {size}")
