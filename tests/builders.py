@@ -105,7 +105,7 @@ def build_model(path: Path, *, size: int = SIZE, fp16: bool = False, info: dict 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from retinocli.deploy.onnx_model import set_metadata
+    from retinocli.deploy.metadata import set_metadata
     dtype = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     side = size if static_size else "side"
     x = helper.make_tensor_value_info(input_name, dtype, ["batch", 3, side, side])

@@ -50,3 +50,18 @@ def test_on_a_terminal_the_bar_counts_what_the_events_said():
         (task,) = bars.bar.tasks
         assert (task.description, task.completed, task.total) == ("checking images", 5, 5)
     assert isinstance(bars, EventBars)
+
+
+def test_a_task_that_ends_after_its_count_prints_one_line_however_long_it_takes():
+    # an epoch: the count completes, validation runs, then the closing fields arrive
+    out = io.StringIO()
+    bar = PlainProgress(Console(file=out, width=40), "img", every=0.0)  # a progress line at every update
+    bars = EventBars(bar, bar.console)
+    say = Emitter(bars)
+    say.started("epoch 1/1", total=4, line_at_stop=True)
+    say.progressed_to("epoch 1/1", 2)
+    say.progressed_to("epoch 1/1", 4)
+    say.finished("epoch 1/1", postfix="val qwk 0.5")
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[1].split(" in ")[0] for line in lines] == [" 2/4 img", " 4/4 img"], lines
+    assert lines[-1].endswith("| val qwk 0.5")

@@ -20,7 +20,8 @@ from retinocli.cli import app
 from retinocli.errors import RetinoError
 from retinocli.reporting.evaluate import evaluate
 from retinocli.deploy.export import export
-from retinocli.deploy.onnx_model import OnnxGrader, parse_metadata
+from retinocli.deploy.metadata import parse_metadata
+from retinocli.deploy.onnx_model import OnnxGrader
 
 runner = CliRunner()
 

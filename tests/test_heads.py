@@ -172,7 +172,8 @@ def test_each_head_trains_and_evaluate_and_predict_agree(head, tiny_data, tmp_pa
     from retinocli.reporting.evaluate import evaluate
     from retinocli.deploy.export import export
     from retinocli.deploy.predict import predict_folder
-    from retinocli.deploy.onnx_model import OnnxGrader, read_model_info
+    from retinocli.deploy.metadata import read_model_info
+    from retinocli.deploy.onnx_model import OnnxGrader
 
     result = train(cfg(tiny_data, tmp_path, head=head, epochs=2, pool="gem" if head == "ordinal" else "avg",
                        ema=0.5 if head == "regression" else 0.0))

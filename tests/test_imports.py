@@ -50,7 +50,7 @@ def test_help_does_not_import_torch():
 
 # library modules that report progress through retinocli.events: usable with no terminal
 RICH_FREE = ("retinocli.events", "retinocli.machine", "retinocli.data.stats", "retinocli.data.synth", "retinocli.imaging.cache",
-             "retinocli.deploy.onnx_model")
+             "retinocli.deploy.onnx_model", "retinocli.deploy.metadata", "retinocli.deploy.providers")
 
 
 @pytest.mark.parametrize("module", RICH_FREE)

@@ -28,20 +28,10 @@ from retinocli.deploy.predict import PredictSummary, decode_batches, find_images
 from retinocli.reporting.render import render_predict_summary
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.rundir import newest_model
-from retinocli.deploy.onnx_model import (
-    CPU,
-    META_PREFIX,
-    ModelInfo,
-    OnnxGrader,
-    _provider_options,
-    load_model_file,
-    metadata_props,
-    nvidia_gpu_present,
-    parse_metadata,
-    read_model_info,
-    resolve_providers,
-    set_metadata,
-)
+from retinocli.deploy.metadata import (META_PREFIX, ModelInfo, load_model_file, metadata_props, parse_metadata,
+                                       read_model_info, set_metadata)
+from retinocli.deploy.onnx_model import OnnxGrader
+from retinocli.deploy.providers import CPU, nvidia_gpu_present, provider_options, resolve_providers
 
 from builders import B, INFO, SIZE, W, build_model, png_claiming, write_image
 
@@ -295,7 +285,7 @@ def test_providers_on_this_machine(model_path):
 def test_gpu_provider_options(tmp_path):
     path = build_model(tmp_path / "m.onnx", fp16=True)
     info = read_model_info(path)
-    providers, notes = _provider_options(
+    providers, notes = provider_options(
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU], info)
     (trt, trt_opts), (cuda, cuda_opts), cpu = providers
     assert (trt, cuda, cpu, notes) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU, [])

@@ -17,7 +17,8 @@ from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
 from retinocli.rundir import HISTORY_FIELDS
-from retinocli.engine.trainer import is_out_of_memory, out_of_memory_error, train, with_index
+from retinocli.engine.placement import with_index
+from retinocli.engine.trainer import is_out_of_memory, out_of_memory_error, train
 from builders import put_imagenet_weights
 from builders import train_config as cfg
 

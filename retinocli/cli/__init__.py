@@ -309,9 +309,10 @@ def train(
 
             check_arch(cfg.arch)
         from retinocli.engine.trainer import train as run_training
+        from retinocli.reporting import render as display
 
-        result = run_training(cfg, resume=resume, force=force, console=err_console if json_out else console)
-    from retinocli.reporting import render as display
+        with display.event_bars(err_console if json_out else console, "img") as events:
+            result = run_training(cfg, resume=resume, force=force, events=events)
 
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
@@ -527,14 +528,16 @@ def compare(
     """Train every arch with and without ImageNet weights, evaluate each, write one report (resumable)."""
     from retinocli.reporting.compare import compare as run_compare
     from retinocli.config import TrainConfig
+    from retinocli.reporting import render as display
 
     with user_errors():
         base = TrainConfig(data=str(data), layout=layout, images=str(images) if images else None, mode=mode,
                            img_size=img_size, preprocess=preprocess, augment=augment, epochs=epochs,
                            batch_size=batch_size, lr=lr, class_weights=class_weights, seed=seed, device=device,
                            workers=workers, project=project, name=name)
-        result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split, tta=tta,
-                             force=force, console=err_console if json_out else console)
+        with display.event_bars(err_console if json_out else console, "img") as events:
+            result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split,
+                                 tta=tta, force=force, events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -4,7 +4,7 @@ The file holds the eval-mode network (dynamic batch axis, outputs ``logits`` and
 in ``metadata_props``, everything prediction needs: grade names, preprocessing, architecture,
 weights, metrics at export, and where it came from by name and hash (the run's name, the
 checkpoint's file name and SHA-256; never a path of the exporting machine)
-(:func:`retinocli.deploy.onnx_model.metadata_props`). Before it is put in
+(:func:`retinocli.deploy.metadata.metadata_props`). Before it is put in
 place it passes ``onnx.checker``'s full check and a parity check against PyTorch on real images
 from the run. ``--fp16`` halves the weights for GPUs; ``--int8`` quantises statically (QDQ,
 per-channel) with calibration images from the training split, and measures the accuracy it costs
@@ -198,7 +198,7 @@ def _at_opset(proto, opset: int):
 
 def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
     """The retino metadata; the run and checkpoint by name and hash, never by path."""
-    from retinocli.deploy.onnx_model import file_sha256, set_metadata
+    from retinocli.deploy.metadata import file_sha256, set_metadata
 
     cfg = state["config"]
     scalars = {k: v for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}

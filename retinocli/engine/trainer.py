@@ -1,39 +1,38 @@
-"""The training loop: data, model, optimiser, AMP, channels_last, DDP, checkpoints, history.
+"""The training loop: epochs of training and validation, the grader, history and checkpoints.
 
-Reads top to bottom: :func:`train` sets up and runs epochs of :func:`train_one_epoch` and
-:func:`evaluate`, writing the run folder's config, split, history and checkpoints through :class:`RunDir`.
+Reads top to bottom: :func:`train` chooses where to run (:mod:`retinocli.engine.placement`),
+builds the data and the model (:mod:`retinocli.engine.parts`), and runs epochs of
+:func:`train_one_epoch` and :func:`predict_loader`, writing the run folder's config, split,
+history and checkpoints through :class:`RunDir`. Progress and messages go out as
+:mod:`retinocli.events`; nothing here draws on a terminal.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from retinocli import GRADE_NAMES, NUM_GRADES, __version__
-from retinocli.reporting import metrics
+from retinocli import GRADE_NAMES, NUM_GRADES
+from retinocli.config import TrainConfig
 from retinocli.engine.augment import BatchAugment
 from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
-from retinocli.config import TrainConfig
-from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights,
-                            make_loader, sample_weights, training_split)
+from retinocli.engine.dataset import IGNORE
+from retinocli.engine.parts import Data, Parts, build_data, build_parts, restore
+from retinocli.engine.placement import Placement, versions
 from retinocli.errors import RetinoError
+from retinocli.events import Emitter, EventsLike, emitter
 from retinocli.models.grading import Grader, fit_grader
-from retinocli.models.heads import HeadLoss, rough_grades
-from retinocli.engine.regularize import BatchMix, make_ema
-from retinocli.models.registry import create_model, freeze_backbone, set_train_mode, use_small_stem
-from retinocli.machine import loader_workers
-from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from retinocli.models.heads import rough_grades
+from retinocli.models.registry import freeze_backbone, set_train_mode
+from retinocli.reporting import metrics
 from retinocli.rundir import RunDir
 
 LOG_EVERY = 10  # steps between progress updates: the only host-device syncs in an epoch
@@ -58,121 +57,6 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------- set-up
-
-
-def pick_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (this rank's GPU), then MPS, then CPU; anything named must exist."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise RetinoError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RetinoError(f"--device {spec}: CUDA is not available on this machine")
-        device = with_index(device, local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise RetinoError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RetinoError("--device mps: MPS is not available on this machine")
-    return device
-
-
-def with_index(device: torch.device, local_rank: int = 0) -> torch.device:
-    """``cuda`` -> ``cuda:<local rank>``: torch.cuda.set_device and DDP need the index."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
-    return device
-
-
-def amp_dtype_for(device: torch.device) -> torch.dtype:
-    """Mixed precision's dtype: bf16 (no grad scaler needed), fp16 on GPUs without bf16."""
-    return torch.bfloat16 if (device.type != "cuda" or torch.cuda.is_bf16_supported()) else torch.float16
-
-
-def versions(device: torch.device) -> dict:
-    import torchvision
-
-    # str(): torch.__version__ is a TorchVersion, which the weights_only unpickler refuses
-    out = {"retino": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-           "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-        out["cuda"] = str(torch.version.cuda)
-    return out
-
-
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier: linear warm-up, then cosine, step or constant."""
-    total = cfg.epochs * steps_per_epoch
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
-    step_size = cfg.step_size or max(1, cfg.epochs // 3)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.scheduler == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if cfg.scheduler == "step":
-            return 0.1 ** ((step // steps_per_epoch) // step_size)
-        return 1.0
-
-    return f
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """No weight decay on biases and batch-norm parameters (they set scale, not capacity)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
-
-
-def squashed_note(paths: list[str], cfg: TrainConfig, sample: int = 20) -> list[str]:
-    """A note when ``--preprocess none`` will squash non-square photos (3:2 cameras) to a square."""
-    if cfg.preprocess != "none":
-        return []
-    from PIL import Image
-
-    sizes = []
-    for path in paths[:sample]:
-        try:
-            with Image.open(path) as im:  # the header only
-                sizes.append(im.size)
-        except Exception:  # noqa: BLE001 - unreadable files are counted elsewhere
-            continue
-    odd = [(w, h) for w, h in sizes if abs(w / h - 1) > 0.02]
-    if not odd:
-        return []
-    w, h = odd[0]
-    return [f"{len(odd)} of the first {len(sizes)} training images are not square (e.g. {w}x{h}): --preprocess "
-            f"none squashes them to {cfg.img_size}x{cfg.img_size}; --preprocess crop crops to the fundus and pads "
-            "it square"]
-
-
-def preprocess_of(cfg: TrainConfig) -> Preprocess:
-    return Preprocess(size=cfg.img_size, mode=cfg.preprocess, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def _distributed() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) under torchrun, even with one process; else None.
-
-    One process under torchrun still runs DistributedDataParallel, so the multi-GPU code
-    path can be tried on a machine with one GPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -212,14 +96,17 @@ def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, device, autocast,
-                    mean, std, channels_last, progress=None, augment: BatchAugment | None = None,
-                    head: str = "classification", mix: BatchMix | None = None, ema=None) -> dict:
+def train_one_epoch(parts: Parts, loader, place: Placement, *, augment: BatchAugment | None = None,
+                    head: str = "classification", progress=None) -> dict:
     """One pass over the training loader; returns loss, accuracy, images and seconds.
 
-    ``augment`` (already set to this epoch) augments each batch on the device; ``mix``
-    (also set to this epoch) mixes it; ``ema`` is updated after every optimiser step.
+    ``augment`` (already set to this epoch) augments each batch on the device; ``parts.mix``
+    (also set to this epoch) mixes it; ``parts.ema`` is updated after every optimiser step.
+    ``progress`` is called with (step, mean loss, accuracy) every ``LOG_EVERY`` steps.
     """
+    model, criterion, optimizer, scheduler, scaler = (parts.model, parts.criterion, parts.optimizer,
+                                                      parts.scheduler, parts.scaler)
+    mix, ema, device = parts.mix, parts.ema, place.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
@@ -228,11 +115,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, 1):
         processed += len(targets)
-        x = to_input(images, device, mean, std, channels_last, augment, step)
+        x = to_input(images, device, parts.mean, parts.std, place.channels_last, augment, step)
         y = targets.to(device, non_blocking=True)
         if mix is not None:
             x, y_a, y_b, lam = mix(x, y, step)
-        with autocast():
+        with place.autocast():
             logits = model(x)
             if mix is not None:
                 loss = lam * criterion(logits.float(), y_a) + (1 - lam) * criterion(logits.float(), y_b)
@@ -265,13 +152,13 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, *, d
 
 
 @torch.no_grad()
-def predict_loader(model, loader, *, device, autocast, mean, std, channels_last) -> tuple[np.ndarray, np.ndarray]:
+def predict_loader(model, loader, place: Placement, mean: torch.Tensor, std: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(targets, raw head outputs) over a loader, in the loader's order (see retinocli.models.grading)."""
     model.eval()
     targets, outputs = [], []
     for images, y in loader:
-        x = to_input(images, device, mean, std, channels_last)
-        with autocast():
+        x = to_input(images, place.device, mean, std, place.channels_last)
+        with place.autocast():
             logits = model(x)
         outputs.append(logits.float().cpu())
         targets.append(y)
@@ -310,279 +197,233 @@ def _better(metric: str, new: dict, best: dict | None) -> bool:
 
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, force: bool = False,
-          console=None, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
+          events: EventsLike = None, on_epoch_end: Callable[[int, dict], None] | None = None) -> RunResult:
     """Train a grader; with ``resume`` continue the run in that folder where it stopped.
 
     Args:
         cfg: the settings (ignored when resuming: the run's own config is used).
         resume: a run folder or its last.pt.
         force: reuse ``runs/<name>`` even if it exists.
-        console: a rich console for progress and messages (None: silent).
+        events: a listener for progress and messages (see :mod:`retinocli.events`): one task per
+            epoch, counted in images, whose closing fields carry the epoch's history row as text.
         on_epoch_end: called with (epoch, history row) after each epoch's checkpoint.
     """
-    from rich.markup import escape
-
-    from retinocli.reporting.render import progress_bar
-    from retinocli.data.layouts import load_dataset
-
-    ddp = _distributed()
-    rank, world, local_rank = ddp or (0, 1, 0)
-    state = None
+    state, ckpt_path = None, None
     if resume is not None:
-        resume = Path(resume)
-        ckpt_path = RunDir.resume_checkpoint(resume)
+        ckpt_path = RunDir.resume_checkpoint(Path(resume))
         state = load_resume_state(ckpt_path)
         cfg = TrainConfig.from_dict(state["config"])
         if state["epoch"] >= cfg.epochs:
             raise RetinoError(f"{ckpt_path} already finished all {cfg.epochs} epochs")
     assert cfg is not None
-    say = console.print if (console is not None and rank == 0) else (lambda *a, **k: None)
+    place = Placement.choose(cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, distributed=True)
+    say = emitter(events) if place.is_main else Emitter()
     if state is not None:
-        say(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
+        say.message(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
+    if place.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if place.device.type == "cuda" else "gloo")
+    if place.device.type == "cuda":
+        torch.cuda.set_device(place.device)
+    _seed_and_determinism(cfg, place)
 
-    device = pick_device(cfg.device, local_rank)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    amp_dtype = amp_dtype_for(device)
+    data = build_data(cfg, place)
+    for note in data.ds.notes + data.notes:
+        say.message(note, level="note")
+    parts = build_parts(cfg, place, data, state, ckpt_path)
+    if state is not None:
+        restore(parts, state)
+        run = RunDir(ckpt_path.parent)
+        if place.is_main:
+            run.remove_temporaries()
+    else:
+        run = RunDir(_new_run_dir(cfg, place, force))
+    loop = _Loop(cfg, place, data, parts, run, state, say)
+    if place.is_main and state is None:
+        run.write_config(loop.config_record())
+        run.write_split(data.records)
+    loop.announce()
+    try:
+        loop.run_epochs(on_epoch_end)
+    finally:
+        if place.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return loop.result()
+
+
+def _seed_and_determinism(cfg: TrainConfig, place: Placement) -> None:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
+    elif place.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # Data
-    ds = load_dataset(cfg.data, layout=cfg.layout, images=cfg.images)
-    records, notes = training_split(ds.records, cfg.val_fraction, cfg.seed)
-    prep = preprocess_of(cfg)
-    train_rec = records[records["split"] == "train"]
-    val_rec = records[records["split"] == "val"]
-    train_grades = train_rec["grade"].astype(int).tolist()
-    on_device = cfg.augment_on == "device"
-    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
-    batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=rank) if on_device else None
-    val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
-    workers = cfg.workers if cfg.workers is not None else loader_workers(device.type)
-    weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
-    train_sampler = EpochSampler(len(train_set), seed=cfg.seed, weights=weights, rank=rank, world=world)
-    val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world=world, pad=False)
-    pin = device.type == "cuda"
-    drop_last = len(train_sampler) > cfg.batch_size
-    train_loader = make_loader(train_set, train_sampler, batch_size=cfg.batch_size, workers=workers,
-                               pin_memory=pin, drop_last=drop_last)
-    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin)
-    if len(train_loader) == 0:
-        raise RetinoError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
-    if len(val_set) == 0:
-        raise RetinoError(f"no validation images: the split gave {len(train_set)} train and 0 val images "
-                          f"(--val-fraction {cfg.val_fraction} of too few patients per grade); pass a larger "
-                          "--val-fraction, e.g. 0.2, or give the dataset a val split")
-    dropped = len(train_sampler) % cfg.batch_size if drop_last else 0
-    notes += squashed_note(train_rec["path"].tolist(), cfg) if rank == 0 else []
 
-    for note in ds.notes + notes:
-        say(f"[dim]note:[/] {note}")
+def _new_run_dir(cfg: TrainConfig, place: Placement, force: bool) -> Path:
+    """``runs/<name>``, made by rank 0 and told to the other ranks."""
+    run_dir = RunDir.create(cfg.project, cfg.name, force=force).path if place.is_main else None
+    if place.distributed:
+        box = [str(run_dir) if run_dir else None]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return Path(run_dir)
 
-    # Model
-    small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
-    model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small, head=cfg.head,
-                         pool=cfg.pool)
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:  # the weights of another arch or head size than its config says
-            raise RetinoError(f"{ckpt_path}: cannot resume, its weights do not fit {cfg.arch} with "
-                              f"{NUM_GRADES} grades ({str(exc).strip().splitlines()[0][:160]})") from None
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    core = model
-    ema = make_ema(core, cfg.ema) if cfg.ema > 0 else None  # validated, saved and exported in place of core
-    if ema is not None and state is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-    mix = BatchMix(mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed, rank=rank) if cfg.mixup or cfg.cutmix else None
-    grader = Grader(cfg.head, NUM_GRADES)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
 
-    optimizer = build_optimizer(cfg, core)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(train_loader)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
-    weight = class_weights(train_grades, cfg.class_weights)
-    criterion = HeadLoss(cfg.head, weight=weight.to(device) if weight is not None else None,
-                         label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
-    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1)
+class _Loop:
+    """The epochs of one run: train, validate, fit the grader, keep history and checkpoints."""
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp else nullcontext()
+    def __init__(self, cfg: TrainConfig, place: Placement, data: Data, parts: Parts, run: RunDir,
+                 state: dict | None, say: Emitter):
+        self.cfg, self.place, self.data, self.parts, self.run, self.say = cfg, place, data, parts, run, say
+        self.device_info = versions(place.device)
+        self.history: list[dict] = list(state.get("history", [])) if state else []
+        self.best: dict | None = state.get("best_metrics") if state else None
+        self.best_epoch: int | None = state.get("best_epoch") if state else None
+        self.grader = Grader.from_dict(state["grader"]) if state and state.get("grader") else \
+            Grader(cfg.head, NUM_GRADES)
+        self.start_epoch = int(state["epoch"]) if state else 0
+        self.epoch = self.start_epoch
+        self.unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
+        self.stopped = "completed"
+        self.interrupted = False
 
-    history: list[dict] = []
-    best: dict | None = None
-    best_epoch = None
-    start_epoch = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        history = list(state.get("history", []))
-        best, best_epoch = state.get("best_metrics"), state.get("best_epoch")
-        grader = Grader.from_dict(state.get("grader")) if state.get("grader") else grader
-        start_epoch = int(state["epoch"])
-        run_dir = ckpt_path.parent
-        if rank == 0:
-            RunDir(run_dir).remove_temporaries()
-    else:
-        run_dir = RunDir.create(cfg.project, cfg.name, force=force).path if rank == 0 else None
-        if ddp:
-            box = [str(run_dir) if run_dir else None]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
-    run_dir = Path(run_dir)
-    run = RunDir(run_dir)
+    def config_record(self) -> dict:
+        """config.json: the settings and what they resolved to on this machine."""
+        cfg, place, data = self.cfg, self.place, self.data
+        return {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": self.parts.small_stem,
+                "parameters": sum(p.numel() for p in self.parts.core.parameters()), "amp": place.amp,
+                "amp_dtype": place.amp_name, "channels_last": place.channels_last, "workers": data.workers,
+                "world_size": place.world, "distributed": place.distributed, "versions": self.device_info,
+                "dataset": {"root": str(data.ds.root), "layout": data.ds.layout}}
 
-    device_info = versions(device)
-    if rank == 0 and state is None:
-        run.write_config(
-            {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small,
-             "parameters": sum(p.numel() for p in core.parameters()), "amp": amp,
-             "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
-             "channels_last": channels_last, "workers": workers, "world_size": world,
-             "distributed": bool(ddp),
-             "versions": device_info, "dataset": {"root": str(ds.root), "layout": ds.layout}})
-        run.write_split(records)
+    def announce(self) -> None:
+        cfg, place, data, say = self.cfg, self.place, self.data, self.say
+        say.message(f"Training {cfg.arch} ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
+                    f"{cfg.mode}) on {self.device_info.get('gpu', place.device)} | {len(data.train_set)} train / "
+                    f"{len(data.val_set)} val images at {cfg.img_size}px | amp "
+                    f"{'on (' + place.amp_name + ')' if place.amp else 'off'}, "
+                    f"channels_last {'on' if place.channels_last else 'off'}")
+        if data.dropped:
+            n = len(data.train_sampler)
+            say.message(f"Each epoch trains on {n - data.dropped} of {n} images: full batches of {cfg.batch_size} "
+                        f"only; the {data.dropped} left over are a different {data.dropped} each epoch")
+        say.message(f"Run folder: {self.run.path}")
 
-    say(f"Training [bold]{cfg.arch}[/] ({'weights ' + cfg.weights if cfg.weights else 'from scratch'}, "
-        f"{cfg.mode}) on {device_info.get('gpu', device)} | {len(train_set)} train / {len(val_set)} val images "
-        f"at {cfg.img_size}px | amp {'on (' + str(amp_dtype).removeprefix('torch.') + ')' if amp else 'off'}, "
-        f"channels_last {'on' if channels_last else 'off'}")
-    if dropped:
-        say(f"Each epoch trains on {len(train_sampler) - dropped} of {len(train_sampler)} images: full batches "
-            f"of {cfg.batch_size} only; the {dropped} left over are a different {dropped} each epoch")
-    say(f"Run folder: {escape(str(run_dir))}")
-
-    def checkpoint(epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
+    def checkpoint(self, epoch: int, row_metrics: dict, *, resumable: bool) -> dict:
         """best.pt's model (MODEL_KEYS); with ``resumable`` also last.pt's training state."""
-        served = ema.module if ema is not None else core
-        state = model_state(model=(core if resumable else served).state_dict(), epoch=epoch,
-                            config=cfg.to_dict(), class_names=list(GRADE_NAMES), preprocess=prep.to_dict(),
-                            small_stem=small, metrics=row_metrics, versions=device_info, grader=grader.to_dict())
+        parts = self.parts
+        state = model_state(model=(parts.core if resumable else parts.served).state_dict(), epoch=epoch,
+                            config=self.cfg.to_dict(), class_names=list(GRADE_NAMES), preprocess=self.data.prep.to_dict(),
+                            small_stem=parts.small_stem, metrics=row_metrics, versions=self.device_info,
+                            grader=self.grader.to_dict())
         if not resumable:
             return state
-        return training_state(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                              scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()},
-                              best_metrics=best, best_epoch=best_epoch, history=history,
-                              ema=ema.state_dict() if ema is not None else None)
+        return training_state(state, optimizer=parts.optimizer.state_dict(), scheduler=parts.scheduler.state_dict(),
+                              scaler=parts.scaler.state_dict(), rng={"torch": torch.get_rng_state()},
+                              best_metrics=self.best, best_epoch=self.best_epoch, history=self.history,
+                              ema=parts.ema.state_dict() if parts.ema is not None else None)
 
-    stopped = "completed"
-    interrupted = False
-    epoch = start_epoch
-    unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
-    bar_ctx = progress_bar(console, "img") if (console is not None and rank == 0) else nullcontext()
-    try:
-        with bar_ctx as bar:
-            for epoch in range(start_epoch, cfg.epochs):
-                frozen = cfg.mode == "linear" or (cfg.mode == "two-stage" and epoch < cfg.head_epochs)
-                freeze_backbone(core, frozen)
-                set_train_mode(core, backbone_frozen=frozen)
-                train_sampler.set_epoch(epoch)
-                if batch_augment is not None:
-                    batch_augment.set_epoch(epoch)
-                if mix is not None:
-                    mix.set_epoch(epoch)
-                task = None
-                if bar is not None:
-                    task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", line_at_stop=True,
-                                        total=len(train_loader) * cfg.batch_size, postfix="")
-
-                epoch_start = time.perf_counter()
-
-                def show(step, loss, acc, task=task, epoch_start=epoch_start):
-                    if task is not None:  # counted in images; the rate is the epoch's so far, as history's
-                        # (rich's own estimate read 2,210 img/s for a 75 img/s epoch, from the prefetch queue)
-                        done = step * cfg.batch_size
-                        bar.update(task, completed=done, postfix=f"loss {loss:.3f} acc {acc:.1%}",
-                                   rate=done * world / max(time.perf_counter() - epoch_start, 1e-9))
-
-                try:
-                    tr = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler,
-                                         device=device, autocast=autocast, mean=mean, std=std,
-                                         channels_last=channels_last, progress=show, augment=batch_augment,
-                                         head=cfg.head, mix=mix, ema=ema)
-                    y, raw = predict_loader(ema if ema is not None else model, val_loader, device=device,
-                                            autocast=autocast, mean=mean, std=std, channels_last=channels_last)
-                except (RuntimeError, MemoryError) as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    raise out_of_memory_error(cfg, len(history), run_dir) from None
-                if ddp:
-                    parts = [None] * world
-                    dist.all_gather_object(parts, (y, raw))
-                    y = np.concatenate([p[0] for p in parts])
-                    raw = np.concatenate([p[1] for p in parts])
-                # cut points (regression, ordinal) are fitted on this epoch's validation outputs
-                readable = y != IGNORE
-                grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
-                probs = grader.probabilities(raw)
-                val = validation_metrics(y, probs, grader)
-                unreadable = max(unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
-                row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
-                       "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
-                       "train_accuracy": tr["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                       "val_qwk": val["qwk"], "val_balanced_accuracy": val["balanced_accuracy"],
-                       "images_per_second": round(tr["images"] * world / max(tr["seconds"], 1e-9), 1)}
-                history.append(row)
-                improved = _better(cfg.select_metric, val, best)
-                if improved:
-                    best, best_epoch = val, epoch + 1
-                if rank == 0:
-                    if improved:
-                        save_checkpoint(checkpoint(epoch + 1, val, resumable=False), run.best)
-                    save_checkpoint(checkpoint(epoch + 1, val, resumable=True), run.last)
-                    run.write_history(history)
-                if task is not None:  # every column of history.csv, so a log holds the whole epoch
-                    bar.update(task, rate=row["images_per_second"], postfix=(
-                        f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
-                        f"{val['loss']:.3f} acc {val['accuracy']:.1%} qwk {val['qwk']:.3f} bal acc "
-                        f"{val['balanced_accuracy']:.1%}{' | best so far' if improved else ''}"))
-                    bar.stop_task(task)
+    def run_epochs(self, on_epoch_end: Callable[[int, dict], None] | None) -> None:
+        cfg, run = self.cfg, self.run
+        try:
+            for self.epoch in range(self.start_epoch, cfg.epochs):
+                row = self.one_epoch(self.epoch)
                 if on_epoch_end is not None:
-                    on_epoch_end(epoch + 1, row)
-                if cfg.patience and best_epoch is not None and epoch + 1 - best_epoch >= cfg.patience:
-                    stopped = f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs"
+                    on_epoch_end(self.epoch + 1, row)
+                if cfg.patience and self.best_epoch is not None and self.epoch + 1 - self.best_epoch >= cfg.patience:
+                    self.stopped = f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs"
                     break
-    except StopTraining as exc:
-        stopped = f"{exc}; stopped, {RunDir.LAST} and {RunDir.BEST} keep the last good epoch ({epoch})"
-    except KeyboardInterrupt:
-        interrupted = True
-        if history:
-            stopped = (f"interrupted during epoch {epoch + 1}; {RunDir.LAST} holds epoch {len(history)}; "
-                       f"continue with: retino train --resume {run_dir}")
-        else:
-            stopped = f"interrupted during epoch {epoch + 1}, before any epoch was saved; start again"
-    finally:
-        if ddp and dist.is_initialized():
-            dist.destroy_process_group()
-    failures = train_set.failures + val_set.failures  # paths are known only without worker processes
-    result_notes = []
-    warnings = []
-    if best:
-        grade, bar_acc = metrics.majority_baseline(val_rec["grade"].astype(int).to_numpy())
-        if best["accuracy"] <= bar_acc + 0.01:
-            warnings.append(f"the best validation accuracy, {best['accuracy']:.1%}, is no better than always "
-                            f"answering {GRADE_NAMES[grade]} ({bar_acc:.1%} of the validation images): "
-                            "this model has not learnt to grade yet")
-    if unreadable:
-        example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
-        result_notes.append(f"{unreadable} image(s) per epoch could not be read and were skipped{example}")
-    return RunResult(run_dir=run_dir, epochs_done=len(history), best_epoch=best_epoch, best_metrics=best or {},
-                     history=history, stopped=stopped, notes=result_notes, interrupted=interrupted,
-                     warnings=warnings, evaluate_split="test" if (records["split"] == "test").any() else "val")
+        except StopTraining as exc:
+            self.stopped = f"{exc}; stopped, {RunDir.LAST} and {RunDir.BEST} keep the last good epoch ({self.epoch})"
+        except KeyboardInterrupt:
+            self.interrupted = True
+            if self.history:
+                self.stopped = (f"interrupted during epoch {self.epoch + 1}; {RunDir.LAST} holds epoch "
+                                f"{len(self.history)}; continue with: retino train --resume {run.path}")
+            else:
+                self.stopped = f"interrupted during epoch {self.epoch + 1}, before any epoch was saved; start again"
+
+    def one_epoch(self, epoch: int) -> dict:
+        """Train, validate, refit the grader, save; returns the epoch's history row."""
+        cfg, place, data, parts, say = self.cfg, self.place, self.data, self.parts, self.say
+        frozen = cfg.mode == "linear" or (cfg.mode == "two-stage" and epoch < cfg.head_epochs)
+        freeze_backbone(parts.core, frozen)
+        set_train_mode(parts.core, backbone_frozen=frozen)
+        for schedule in (data.train_sampler, data.batch_augment, parts.mix):
+            if schedule is not None:
+                schedule.set_epoch(epoch)
+        task = f"epoch {epoch + 1}/{cfg.epochs}"
+        say.started(task, total=len(data.train_loader) * cfg.batch_size, line_at_stop=True)
+        epoch_start = time.perf_counter()
+
+        def show(step: int, loss: float, acc: float) -> None:
+            # counted in images; the rate is the epoch's so far, as history's (a bar's own estimate
+            # read 2,210 img/s for a 75 img/s epoch, from the prefetch queue)
+            done = step * cfg.batch_size
+            say.progressed_to(task, done, postfix=f"loss {loss:.3f} acc {acc:.1%}",
+                              rate=done * place.world / max(time.perf_counter() - epoch_start, 1e-9))
+
+        tr, y, raw = self._train_and_validate(show)
+        # cut points (regression, ordinal) are fitted on this epoch's validation outputs
+        readable = y != IGNORE
+        self.grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
+        val = validation_metrics(y, self.grader.probabilities(raw), self.grader)
+        self.unreadable = max(self.unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
+        row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
+               "lr": parts.optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
+               "train_accuracy": tr["accuracy"], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "val_qwk": val["qwk"], "val_balanced_accuracy": val["balanced_accuracy"],
+               "images_per_second": round(tr["images"] * place.world / max(tr["seconds"], 1e-9), 1)}
+        self.history.append(row)
+        improved = _better(cfg.select_metric, val, self.best)
+        if improved:
+            self.best, self.best_epoch = val, epoch + 1
+        if place.is_main:
+            if improved:
+                save_checkpoint(self.checkpoint(epoch + 1, val, resumable=False), self.run.best)
+            save_checkpoint(self.checkpoint(epoch + 1, val, resumable=True), self.run.last)
+            self.run.write_history(self.history)
+        # every column of history.csv, so a log holds the whole epoch
+        say.finished(task, rate=row["images_per_second"], postfix=(
+            f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
+            f"{val['loss']:.3f} acc {val['accuracy']:.1%} qwk {val['qwk']:.3f} bal acc "
+            f"{val['balanced_accuracy']:.1%}{' | best so far' if improved else ''}"))
+        return row
+
+    def _train_and_validate(self, show) -> tuple[dict, np.ndarray, np.ndarray]:
+        """One epoch of training, then the validation targets and raw outputs of every rank."""
+        cfg, place, data, parts = self.cfg, self.place, self.data, self.parts
+        try:
+            tr = train_one_epoch(parts, data.train_loader, place, augment=data.batch_augment, head=cfg.head,
+                                 progress=show)
+            y, raw = predict_loader(parts.ema if parts.ema is not None else parts.model, data.val_loader, place,
+                                    parts.mean, parts.std)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory_error(cfg, len(self.history), self.run.path) from None
+        if place.distributed:
+            gathered = [None] * place.world
+            dist.all_gather_object(gathered, (y, raw))
+            y = np.concatenate([p[0] for p in gathered])
+            raw = np.concatenate([p[1] for p in gathered])
+        return tr, y, raw
+
+    def result(self) -> RunResult:
+        data, best = self.data, self.best
+        failures = data.train_set.failures + data.val_set.failures  # paths are known only without worker processes
+        notes, warnings = [], []
+        if best:
+            grade, bar_acc = metrics.majority_baseline(np.asarray(data.val_grades))
+            if best["accuracy"] <= bar_acc + 0.01:
+                warnings.append(f"the best validation accuracy, {best['accuracy']:.1%}, is no better than always "
+                                f"answering {GRADE_NAMES[grade]} ({bar_acc:.1%} of the validation images): "
+                                "this model has not learnt to grade yet")
+        if self.unreadable:
+            example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
+            notes.append(f"{self.unreadable} image(s) per epoch could not be read and were skipped{example}")
+        return RunResult(run_dir=self.run.path, epochs_done=len(self.history), best_epoch=self.best_epoch,
+                         best_metrics=best or {}, history=self.history, stopped=self.stopped, notes=notes,
+                         interrupted=self.interrupted, warnings=warnings,
+                         evaluate_split="test" if (data.records["split"] == "test").any() else "val")

@@ -324,7 +324,7 @@ def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled
     from torch import nn
 
     from retinocli.models.registry import build_model
-    from retinocli.engine.trainer import amp_dtype_for
+    from retinocli.engine.placement import amp_dtype_for
 
     torch.manual_seed(0)
     model = build_model(arch).to(device)
@@ -558,7 +558,7 @@ def onnx_model(arch: str, size: int, tmp: Path, precision: str, *, model=None, f
     from retinocli import GRADE_NAMES
     from retinocli.deploy.export import quantize_int8, to_onnx
     from retinocli.models.registry import build_model
-    from retinocli.deploy.onnx_model import set_metadata
+    from retinocli.deploy.metadata import set_metadata
 
     if model is None:
         torch.manual_seed(0)
@@ -613,7 +613,7 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
     import torch
 
     from retinocli.machine import loader_workers
-    from retinocli.engine.trainer import pick_device
+    from retinocli.engine.placement import pick_device
 
     unknown = sorted(set(plan.sections) - set(SECTIONS))
     if unknown or not plan.sections:

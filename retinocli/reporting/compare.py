@@ -16,6 +16,7 @@ from typing import Any
 
 from retinocli.config import TrainConfig
 from retinocli.errors import RetinoError
+from retinocli.events import EventsLike, emitter
 from retinocli.rundir import RunDir
 
 PRETRAINED_CHOICES = ("yes", "no", "both")
@@ -86,17 +87,19 @@ def _trained_epochs(run: Path) -> int:
 
 
 def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", split: str = "test",
-            tta: bool = False, force: bool = False, console=None, on_epoch_end=None) -> CompareResult:
+            tta: bool = False, force: bool = False, events: EventsLike = None, on_epoch_end=None) -> CompareResult:
     """Train, evaluate and report every cell of the grid; see the module doc.
 
-    ``on_epoch_end(cell_name, epoch, row)`` is called after every epoch of every cell.
+    ``on_epoch_end(cell_name, epoch, row)`` is called after every epoch of every cell; ``events``
+    hears each cell's training and the comparison's own messages (see :mod:`retinocli.events`).
     """
     from retinocli.reporting.evaluate import evaluate
     from retinocli.models.registry import load_imagenet_state
     from retinocli.reporting.report import write_report
     from retinocli.engine.trainer import train
 
-    say = console.print if console is not None else (lambda *a, **k: None)
+    events = emitter(events)
+    say = events.message
     cells = grid(archs, pretrained)
     parent = Path(base.project) / base.name
     plan = _plan(base, cells)
@@ -128,12 +131,12 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
         run = parent / cell.name
         cfg = _cell_config(base, cell, parent)
         epochs = 0 if force else _trained_epochs(run)
-        say(f"[bold]({i}/{len(cells)}) {cell.label}[/]")
+        say(f"({i}/{len(cells)}) {cell.label}")
         if epochs >= cfg.epochs:
             done.append(f"{cell.name}: trained earlier ({epochs} epochs)")
         else:
             hook = (lambda e, row, name=cell.name: on_epoch_end(name, e, row)) if on_epoch_end else None
-            result = train(None if epochs else cfg, resume=run if epochs else None, force=True, console=console,
+            result = train(None if epochs else cfg, resume=run if epochs else None, force=True, events=events,
                            on_epoch_end=hook)
             if result.stopped.startswith("interrupted"):
                 raise KeyboardInterrupt

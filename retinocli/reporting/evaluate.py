@@ -80,7 +80,7 @@ def _run_dir_of(path: Path, info) -> Path | None:
     The metadata names the checkpoint and its SHA-256, never a path (a model travels); the
     model's own folder is its run when it holds that checkpoint, byte for byte.
     """
-    from retinocli.deploy.onnx_model import file_sha256
+    from retinocli.deploy.metadata import file_sha256
 
     folder = path.parent
     ckpt = folder / info.checkpoint if info.checkpoint else None
@@ -94,7 +94,7 @@ def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
 
     from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
-    from retinocli.engine.trainer import pick_device
+    from retinocli.engine.placement import pick_device
 
     ckpt = RunDir.resolve_checkpoint(target)
     model, state = load_trained(ckpt)

@@ -201,7 +201,7 @@ def explain(
 
     from retinocli.engine.checkpoints import load_trained
     from retinocli.imaging.preprocess import Preprocess
-    from retinocli.engine.trainer import pick_device
+    from retinocli.engine.placement import pick_device
     from retinocli.rundir import RunDir
 
     ckpt = RunDir.resolve_checkpoint(model)

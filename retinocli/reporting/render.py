@@ -169,7 +169,8 @@ class PlainProgress:
             task.finished_at = now
             if not task.fields.get("line_at_stop"):
                 self._line(task)
-        elif not task.done and now - task.last_line >= self.every:
+        # a progress line while counting; none once the count is complete, its final line follows
+        elif not task.done and not task.finished and now - task.last_line >= self.every:
             self._line(task, partial=True)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
