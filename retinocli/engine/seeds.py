@@ -31,6 +31,8 @@ from retinocli.rundir import RunDir
 #: that continues it: they change no weight (``workers``: batched augmentation and the epoch
 #: sampler draw from the seed, not from the loader processes).
 NOT_RECIPE = ("workers",)
+#: Settings whose None (auto) config.json records as what it resolved to (on, off).
+RESOLVED = ("amp", "channels_last")
 #: What a seed's folder holds, as :func:`seed_state` sees it.
 NEW, EMPTY, PARTIAL, FINISHED = "new", "empty", "partial", "finished"
 
@@ -71,7 +73,7 @@ def _differences(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
         return [f"an unreadable config ({exc})"]
     here = wanted.to_dict()
     return [f"{k} {there.get(k)!r} there, {v!r} here" for k, v in here.items()
-            if k not in NOT_RECIPE and there.get(k) != v]
+            if k not in NOT_RECIPE and there.get(k) != v and not (k in RESOLVED and v is None)]
 
 
 def _stopped_early(history, cfg: TrainConfig) -> bool:
@@ -142,8 +144,10 @@ class SeedsResult:
     interrupted: str | None = None  # the trainer's message when Ctrl-C stopped a seed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runs": [r.to_dict() for r in self.runs], "summary": self.summary,
-                "interrupted": self.interrupted}
+        from retinocli.reporting.study import jsonable
+
+        return jsonable({"runs": [r.to_dict() for r in self.runs], "summary": self.summary,
+                         "interrupted": self.interrupted})
 
 
 #: history.csv columns summarised over seeds, at each run's best epoch.

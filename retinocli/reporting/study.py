@@ -366,14 +366,14 @@ def markdown_lines(st: Study) -> list[str]:
     return lines
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """NaN (an sd of one seed, an undefined metric) as null: strict JSON has no NaN."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -397,7 +397,7 @@ def write_study(runs: Sequence[RunSummary], out: str | Path, *, n_boot: int = N_
                    ";".join(repr(v) for v in m["values"])] for r in st.recipes for k, m in r["metrics"].items()]
     paired_rows = [[c["a"], c["b"], k, m["estimate"], m["low"], m["high"], m["verdict"], c["unit"], c["n_units"],
                     c["seeds_a"], c["seeds_b"], c["n_boot"]] for c in st.comparisons for k, m in c["metrics"].items()]
-    files = {STUDY_JSON: json.dumps(_jsonable(st.to_dict()), indent=2),
+    files = {STUDY_JSON: json.dumps(jsonable(st.to_dict()), indent=2),
              SEEDS_CSV: _csv(["recipe", "metric", "n", "mean", "sd", "seeds", "values"], seeds_rows),
              PAIRED_CSV: _csv(["a", "b", "metric", "difference", "low", "high", "verdict", "unit", "n_units",
                                "seeds_a", "seeds_b", "n_boot"], paired_rows)}
