@@ -76,17 +76,21 @@ def _differences(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
             if k not in NOT_RECIPE and there.get(k) != v and not (k in RESOLVED and v is None)]
 
 
-def _stopped_early(history, cfg: TrainConfig) -> bool:
-    """Whether ``--patience`` ended the run: no better ``val_<select_metric>`` in its last epochs."""
+def _best_index(history, metric: str) -> int | None:
+    """The row of the epoch best.pt holds: the best finite ``val_<metric>``, the first on ties
+    (as the trainer keeps it); None when no value is finite."""
     import numpy as np
 
-    if not cfg.patience or history.empty:
-        return False
-    values = history[f"val_{cfg.select_metric}"].to_numpy(dtype=float)
+    values = history[f"val_{metric}"].to_numpy(dtype=float)
     if not np.isfinite(values).any():
-        return False
-    best = int(np.nanargmin(values) if cfg.select_metric == "loss" else np.nanargmax(values))  # first on ties
-    return len(values) - (best + 1) >= cfg.patience
+        return None
+    return int(np.nanargmin(values) if metric == "loss" else np.nanargmax(values))
+
+
+def _stopped_early(history, cfg: TrainConfig) -> bool:
+    """Whether ``--patience`` ended the run: no better ``val_<select_metric>`` in its last epochs."""
+    best = _best_index(history, cfg.select_metric) if cfg.patience and not history.empty else None
+    return best is not None and len(history) - (best + 1) >= cfg.patience
 
 
 def seed_state(cfg: TrainConfig) -> str:
@@ -156,15 +160,10 @@ VAL_COLUMNS = ("val_accuracy", "val_qwk", "val_balanced_accuracy", "val_loss")
 
 def _best_row(run_dir: Path, cfg: TrainConfig) -> tuple[int, int | None, dict[str, float]]:
     """(epochs, best epoch, that epoch's validation metrics) from history.csv, as best.pt chose."""
-    import numpy as np
-
     history = RunDir(run_dir).read_history()
     if history.empty:
         return 0, None, {}
-    values = history[f"val_{cfg.select_metric}"].to_numpy(dtype=float)
-    i = 0 if not np.isfinite(values).any() else int(
-        np.nanargmin(values) if cfg.select_metric == "loss" else np.nanargmax(values))
-    row = history.iloc[i]
+    row = history.iloc[_best_index(history, cfg.select_metric) or 0]
     best = {k: float(row[k]) for k in VAL_COLUMNS if k in row and math.isfinite(float(row[k]))}
     return len(history), int(row["epoch"]), best
 
@@ -184,7 +183,7 @@ def train_seeds(cfg: TrainConfig, seeds: Sequence[int], *, force: bool = False, 
         RetinoError: no seeds, or a seed's folder that holds other settings (checked for every
             seed before any trains).
     """
-    from retinocli.reporting.clinical import summarise_seeds
+    from rich.markup import escape
 
     if not seeds:
         raise RetinoError("give at least one seed")
@@ -194,7 +193,7 @@ def train_seeds(cfg: TrainConfig, seeds: Sequence[int], *, force: bool = False, 
     runs: list[SeedRun] = []
     for i, (seed, c, state) in enumerate(zip(seeds, configs, states), 1):
         run_dir = Path(c.project) / c.name
-        say(f"[bold]seed {seed} ({i}/{len(seeds)}): {run_dir}[/]")
+        say(f"[bold]seed {seed} ({i}/{len(seeds)}): {escape(str(run_dir))}[/]")
         if state == FINISHED:
             done, stopped = "trained earlier", ""
         else:
@@ -207,12 +206,15 @@ def train_seeds(cfg: TrainConfig, seeds: Sequence[int], *, force: bool = False, 
             stopped = result.stopped
             if result.interrupted:
                 runs.append(SeedRun(seed, run_dir, "interrupted", stopped, result.epochs_done))
-                return SeedsResult(runs, _summary(runs, summarise_seeds), interrupted=stopped)
+                return SeedsResult(runs, _summary(runs), interrupted=stopped)
         epochs, best_epoch, best = _best_row(run_dir, c)
         runs.append(SeedRun(seed, run_dir, done, stopped, epochs, best_epoch, best))
-    return SeedsResult(runs, _summary(runs, summarise_seeds))
+    return SeedsResult(runs, _summary(runs))
 
 
-def _summary(runs: list[SeedRun], summarise) -> dict[str, dict[str, Any]]:
+def _summary(runs: list[SeedRun]) -> dict[str, dict[str, Any]]:
+    """Mean ± sd of the finished seeds' best validation metrics."""
+    from retinocli.reporting.clinical import summarise_seeds
+
     finished = [r.best for r in runs if r.best]
-    return summarise(finished) if finished else {}
+    return summarise_seeds(finished) if finished else {}
