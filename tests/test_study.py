@@ -192,3 +192,12 @@ def test_one_run_or_unrelated_unevaluated_runs_add_no_section(study_runs, tmp_pa
     assert result.study is None and not (tmp_path / "one" / st.STUDY_JSON).exists()
     assert "Seeds and paired comparison" not in result.markdown.read_text()
     assert not st.study(load_runs([runs[0], runs[5]]), n_boot=50).worth_showing  # no shared images, no seeds
+
+
+def test_recipes_keep_apart_what_differs_and_name_each_once():
+    from types import SimpleNamespace as Run
+
+    runs = [Run(name=f"train-s{s}", config={"lr": lr, "seed": s, "workers": s, "name": f"train-s{s}"})
+            for lr in (0.1, 0.2) for s in (0, 1)] + [Run(name="solo", config={"lr": 0.3, "seed": 0})]
+    got = [(r.name, [x.config["lr"] for x in r.runs], r.seeds) for r in st.recipes(runs)]
+    assert got == [("train", [0.1, 0.1], [0, 1]), ("train (2)", [0.2, 0.2], [0, 1]), ("solo", [0.3], [0])]

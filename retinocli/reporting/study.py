@@ -96,11 +96,17 @@ def _recipe_name(runs: list[RunSummary]) -> str:
 
 
 def recipes(runs: Sequence[RunSummary]) -> list[Recipe]:
-    """Group runs by :func:`recipe_key`, in order of first appearance."""
+    """Group runs by :func:`recipe_key`, in order of first appearance; names made unique."""
     groups: dict[str, list[RunSummary]] = {}
     for run in runs:
         groups.setdefault(recipe_key(run.config), []).append(run)
-    return [Recipe(_recipe_name(g), g) for g in groups.values()]
+    out: list[Recipe] = []
+    for g in groups.values():
+        name, k = _recipe_name(g), 2
+        while any(r.name == name for r in out):  # train-s0, train-s1 of two projects, trained apart
+            name, k = f"{_recipe_name(g)} ({k})", k + 1
+        out.append(Recipe(name, g))
+    return out
 
 
 # -------------------------------------------------------------------------- mean ± sd
