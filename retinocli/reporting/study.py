@@ -24,6 +24,15 @@ would count only which images happened to be in the test set. With one run per r
 
 Writes, beside report.md: ``study.json`` (everything), ``seeds.csv`` (recipe x metric: n, mean,
 sd, per-seed values) and ``paired.csv`` (a row per comparison and metric). No torch here.
+
+Public API:
+
+* ``study(load_runs(paths))`` (:func:`retinocli.reporting.report.load_runs`): the whole section
+  as data; :func:`write_study` also writes the files; :func:`markdown_lines` its report.md text.
+* :func:`recipes` / :func:`summarise`: runs -> recipes -> mean ± sd and per-seed values;
+  :func:`mean_sd` formats one (``0.412 ± 0.021``, ``52.3 % ± 2.1 %``).
+* :func:`seed_paired_bootstrap`: the paired difference of two recipes from arrays;
+  :func:`pooled_predictions` / :func:`paired_comparison`: the same from run folders.
 """
 
 from __future__ import annotations
