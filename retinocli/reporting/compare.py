@@ -63,7 +63,6 @@ def grid(archs: list[str], pretrained: str, seeds: list[int] | None = None) -> l
     """Cells in the order they train: per architecture, ImageNet first, then scratch; each
     once per seed when ``seeds`` are given (``resnet18-imagenet-s0``, ...)."""
     from retinocli.engine.seeds import seed_name
-
     from retinocli.models.registry import check_arch
 
     if pretrained not in PRETRAINED_CHOICES:

@@ -791,7 +791,7 @@ class ReportResult:
     def to_dict(self) -> dict:
         return {"out": str(self.out), "markdown": str(self.markdown), "figures": [str(p) for p in self.figures],
                 "warnings": list(self.warnings), "notes": list(self.notes), "differences": self.differences,
-                "study": [str(p) for p in self.study.files] if self.study is not None else []}
+                "study": self.study.to_dict() if self.study is not None else None}
 
 
 def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,

@@ -293,9 +293,11 @@ class Study:
         return bool(self.comparisons) or any(len(r["runs"]) > 1 for r in self.recipes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipes": self.recipes, "comparisons": self.comparisons, "notes": self.notes,
-                "pooling": "each seed's predictions are rows of their own; resamples draw patients (or images) "
-                           "and each recipe's seeds with replacement"}
+        """JSON-ready (NaN as null)."""
+        return jsonable({"recipes": self.recipes, "comparisons": self.comparisons, "notes": self.notes,
+                         "pooling": "each seed's predictions are rows of their own; resamples draw patients "
+                                    "(or images) and each recipe's seeds with replacement",
+                         "files": [str(p) for p in self.files]})
 
 
 def study(runs: Sequence[RunSummary], *, n_boot: int = N_BOOT, seed: int = SEED) -> Study:
@@ -412,7 +414,8 @@ def write_study(runs: Sequence[RunSummary], out: str | Path, *, n_boot: int = N_
                    ";".join(repr(v) for v in m["values"])] for r in st.recipes for k, m in r["metrics"].items()]
     paired_rows = [[c["a"], c["b"], k, m["estimate"], m["low"], m["high"], m["verdict"], c["unit"], c["n_units"],
                     c["seeds_a"], c["seeds_b"], c["n_boot"]] for c in st.comparisons for k, m in c["metrics"].items()]
-    files = {STUDY_JSON: json.dumps(jsonable(st.to_dict()), indent=2),
+    data = {k: v for k, v in st.to_dict().items() if k != "files"}  # not written yet
+    files = {STUDY_JSON: json.dumps(data, indent=2),
              SEEDS_CSV: _csv(["recipe", "metric", "n", "mean", "sd", "seeds", "values"], seeds_rows),
              PAIRED_CSV: _csv(["a", "b", "metric", "difference", "low", "high", "verdict", "unit", "n_units",
                                "seeds_a", "seeds_b", "n_boot"], paired_rows)}
