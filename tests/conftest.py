@@ -58,6 +58,16 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """48 demo images of 32 px (24 patients, a test split): for tests that train several runs."""
+    from retinocli.data.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    generate(out, n=48, size=32, seed=0)
+    return out
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
     """An empty TORCH_HOME: the torchvision weight cache the tests fill themselves."""

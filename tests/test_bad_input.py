@@ -129,6 +129,10 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "cannot resume, its weights do not fit resnet18 with 5 grades"),
         ("resume-from-best-pt", ["--resume", "{run}/best.pt"],
          "best.pt keeps only the model (for evaluate and export): resume from"),
+        ("seeds-with-seed", ["--seeds", "0,1", "--seed", "3"], "--seed and --seeds cannot be used together"),
+        ("seeds-with-resume", ["--seeds", "0,1", "--resume", "{run}"], "--resume and --seeds cannot be used together"),
+        ("seeds-not-integers", ["--seeds", "0,x"], "--seeds takes seeds (integers >= 0) separated by commas"),
+        ("seeds-repeated", ["--seeds", "1,2,1"], "--seeds repeats a seed: 1,2,1"),
     ],
     "evaluate": [
         ("batch-size-zero", ["{run}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),

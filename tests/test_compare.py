@@ -24,6 +24,9 @@ def test_grid_order_and_validation():
         grid(["resnet19"], "both")
     with pytest.raises(RetinoError, match="repeated"):
         grid(["resnet18", "resnet18"], "both")
+    seeded = grid(["resnet18"], "both", seeds=[0, 2])
+    assert [(c.name, c.seed) for c in seeded] == [("resnet18-imagenet-s0", 0), ("resnet18-imagenet-s2", 2),
+                                                  ("resnet18-scratch-s0", 0), ("resnet18-scratch-s2", 2)]
 
 
 def test_interrupted_grid_resumes_and_reports(synth_data, tmp_path, torch_home):
@@ -100,3 +103,27 @@ def test_a_missing_test_split_is_refused_before_training(tmp_path):
                                  "--project", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "no labelled test split" in result.output and "--split val" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_compare_seeds_trains_each_cell_per_seed_and_reports_their_mean_sd(tiny_data, tmp_path):
+    args = ["compare", "--data", str(tiny_data), "--arch", "resnet18", "--pretrained", "no", "--img-size", "32",
+            "--epochs", "1", "--batch-size", "16", "--workers", "0", "--augment", "none",
+            "--project", str(tmp_path / "runs"), "--seeds", "0,1"]
+    refused = runner.invoke(app, [*args, "--seed", "3"])
+    assert refused.exit_code == 2 and "--seed and --seeds cannot be used together" in refused.output
+    assert not (tmp_path / "runs").exists()
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    parent = tmp_path / "runs" / "compare"
+    assert out["runs"] == [str(parent / "resnet18-scratch-s0"), str(parent / "resnet18-scratch-s1")]
+    assert [json.loads((parent / n / "config.json").read_text())["seed"] for n in
+            ("resnet18-scratch-s0", "resnet18-scratch-s1")] == [0, 1]
+    [recipe] = out["study"]["recipes"]
+    qwk = [json.loads((parent / n / "metrics.json").read_text())["metrics"]["qwk"]
+           for n in ("resnet18-scratch-s0", "resnet18-scratch-s1")]
+    assert recipe["recipe"] == "resnet18-scratch" and recipe["metrics"]["qwk"]["values"] == pytest.approx(qwk)
+    assert "## Seeds and paired comparison" in (parent / "report" / "report.md").read_text()
+    again = runner.invoke(app, [*args, "--json"])  # resumes: nothing left to train
+    assert again.exit_code == 0, again.output
+    assert [d.split(":")[1].strip() for d in json.loads(again.stdout)["done"]] == ["trained earlier (1 epochs)"] * 2

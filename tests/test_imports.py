@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config", "retinocli.events", "retinocli.machine",
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
               "retinocli.reporting.metrics", "retinocli.reporting.clinical",
-              "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints")
+              "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints",
+              "retinocli.reporting.study", "retinocli.engine.seeds")
 TORCH_ALLOWED = ("retinocli.deploy.export",)  # torch -> ONNX needs torch
 
 

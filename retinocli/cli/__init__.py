@@ -251,6 +251,9 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per step (per GPU under torchrun).")] = 64,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for weights, split and augmentation.")] = 0,
+    seeds: Annotated[Optional[str], typer.Option(help="Train once per seed, e.g. 0,1,2: runs NAME-s0, NAME-s1, "
+                                                      "...; the same command again skips finished seeds and "
+                                                      "resumes a cut one.")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Bit-reproducible kernels.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default on CUDA: "
@@ -286,6 +289,8 @@ def train(
         if list_archs:
             _list_archs(json_out)
             return
+        if seeds is not None:  # ---- several seeds (#15)
+            _check_seeds(ctx, seeds, resume)
         cfg = None
         if resume is None:
             values = dict(
@@ -308,11 +313,21 @@ def train(
             from retinocli.models.registry import check_arch
 
             check_arch(cfg.arch)
-        from retinocli.engine.trainer import train as run_training
         from retinocli.reporting import render as display
 
         with display.event_bars(err_console if json_out else console, "img") as events:
-            result = run_training(cfg, resume=resume, force=force, events=events)
+            if seeds is not None:
+                from retinocli.engine.seeds import parse_seeds, train_seeds
+
+                study = train_seeds(cfg, parse_seeds(seeds), force=force, events=events)
+            else:
+                from retinocli.engine.trainer import train as run_training
+
+                result = run_training(cfg, resume=resume, force=force, events=events)
+
+    if seeds is not None:
+        _show_seeds(study, json_out)
+        return
 
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
@@ -329,6 +344,32 @@ def train(
     if not json_out and result.best_epoch and "evaluate" in commands:
         split = "" if result.evaluate_split == "test" else f" --split {result.evaluate_split}"
         console.print(f"Next: [bold]retino evaluate {escape(str(result.run_dir))}{split}[/]", soft_wrap=True)
+
+
+def _check_seeds(ctx: typer.Context, seeds: str, resume: Path | None) -> None:
+    """--seeds names every seed itself: --seed (on the command line) and --resume are refused with it."""
+    from retinocli.engine.seeds import parse_seeds
+
+    if getattr(ctx.get_parameter_source("seed"), "name", None) == "COMMANDLINE":
+        raise RetinoError("--seed and --seeds cannot be used together: --seeds 0,1,2 names every seed")
+    if resume is not None:
+        raise RetinoError("--resume and --seeds cannot be used together: run the same --seeds command again "
+                          "to continue its seeds")
+    parse_seeds(seeds)
+
+
+def _show_seeds(study, json_out: bool) -> None:
+    """A line per seed, the mean ± sd of the validation metrics, and the next commands; 130 on Ctrl-C."""
+    from retinocli.reporting import render as display
+
+    if json_out:
+        sys.stdout.write(json.dumps(study.to_dict(), indent=2) + "\n")
+    else:
+        display.render_seeds(study, console)
+    if study.interrupted:
+        err_console.print(f"[bold red]interrupted:[/] {escape(study.interrupted)}; run the same command again "
+                          "to continue the seeds", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
 
 
 ProviderOpt = Annotated[str, typer.Option(
@@ -422,6 +463,10 @@ def report(
     for line in result.notes:
         console.print(f"[yellow]note:[/] {line}")
     _print_differences(result.differences)
+    if result.study is not None:
+        from retinocli.reporting import render as display
+
+        display.render_study(result.study, console)
     console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
 
 
@@ -502,6 +547,7 @@ def predict(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="Dataset folder (any layout).")] = Path("data"),
     layout: LayoutOpt = None,
     images: ImagesOpt = None,
@@ -516,6 +562,9 @@ def compare(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default by weights).")] = None,
     class_weights: Annotated[str, typer.Option(help="none, balanced, sqrt.")] = "none",
     seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
+    seeds: Annotated[Optional[str], typer.Option(help="Train every cell once per seed, e.g. 0,1,2 (runs "
+                                                      "CELL-s0, ...): the report gives mean ± sd and paired "
+                                                      "comparisons.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
     split: Annotated[str, typer.Option(help="Split each run is evaluated on.")] = "test",
@@ -531,19 +580,26 @@ def compare(
     from retinocli.reporting import render as display
 
     with user_errors():
+        if seeds is not None:
+            from retinocli.engine.seeds import parse_seeds
+
+            _check_seeds(ctx, seeds, None)
         base = TrainConfig(data=str(data), layout=layout, images=str(images) if images else None, mode=mode,
                            img_size=img_size, preprocess=preprocess, augment=augment, epochs=epochs,
                            batch_size=batch_size, lr=lr, class_weights=class_weights, seed=seed, device=device,
                            workers=workers, project=project, name=name)
         with display.event_bars(err_console if json_out else console, "img") as events:
             result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split,
-                                 tta=tta, force=force, events=events)
+                                 tta=tta, force=force, events=events,
+                                 seeds=parse_seeds(seeds) if seeds is not None else None)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     for line in result.done + [f"[yellow]note:[/] {n}" for n in result.notes]:
         console.print(line)
     _print_differences(result.differences)
+    if result.study is not None:
+        display.render_study(result.study, console)
     console.print(f"Report: [bold]{result.markdown}[/]")
 
 

@@ -5,6 +5,11 @@ Everything lands in one parent folder (``runs/compare``): ``compare.json`` (the 
 folder per cell (``resnet18-imagenet``, ``resnet18-scratch``, ...) and ``report/``. Running the
 same command again after an interruption skips finished cells, resumes the one that was cut off
 from its ``last.pt``, and evaluates what is not evaluated yet.
+
+With ``seeds`` (``retino compare --seeds 0,1,2``) every cell trains once per seed, as
+``resnet18-imagenet-s0``, ``resnet18-imagenet-s1``, ... (the names ``retino train --seeds``
+gives); the report then shows each cell's mean ± sd and the paired comparisons of the cells
+(:mod:`retinocli.reporting.study`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ class Cell:
     name: str
     arch: str
     pretrained: bool
+    seed: int | None = None  # None: the shared --seed
 
     @property
     def label(self) -> str:
-        return f"{self.arch} {'ImageNet' if self.pretrained else 'scratch'}"
+        seed = f", seed {self.seed}" if self.seed is not None else ""
+        return f"{self.arch} {'ImageNet' if self.pretrained else 'scratch'}{seed}"
 
 
 @dataclass
@@ -44,15 +51,19 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     # per run name, the settings not the same in every run (runs.settings_that_differ)
     differences: dict[str, dict[str, Any]] = field(default_factory=dict)
+    study: Any = None  # with several seeds: the report's retinocli.reporting.study.Study
 
     def to_dict(self) -> dict[str, Any]:
         return {"parent": str(self.parent), "runs": [str(r) for r in self.runs], "report_dir": str(self.report_dir),
                 "markdown": str(self.markdown), "split": self.evaluated_split, "done": self.done,
-                "notes": self.notes, "differences": self.differences}
+                "notes": self.notes, "differences": self.differences,
+                "study": self.study.to_dict() if self.study is not None else None}
 
 
-def grid(archs: list[str], pretrained: str) -> list[Cell]:
-    """Cells in the order they train: per architecture, ImageNet first, then scratch."""
+def grid(archs: list[str], pretrained: str, seeds: list[int] | None = None) -> list[Cell]:
+    """Cells in the order they train: per architecture, ImageNet first, then scratch; each
+    once per seed when ``seeds`` are given (``resnet18-imagenet-s0``, ...)."""
+    from retinocli.engine.seeds import seed_name
     from retinocli.models.registry import check_arch
 
     if pretrained not in PRETRAINED_CHOICES:
@@ -65,18 +76,22 @@ def grid(archs: list[str], pretrained: str) -> list[Cell]:
     cells = []
     for arch in archs:
         check_arch(arch)
-        cells.extend(Cell(f"{arch}-{'imagenet' if p else 'scratch'}", arch, p) for p in flags)
+        for p in flags:
+            name = f"{arch}-{'imagenet' if p else 'scratch'}"
+            cells.extend([Cell(seed_name(name, s), arch, p, s) for s in seeds] if seeds else [Cell(name, arch, p)])
     return cells
 
 
 def _plan(base: TrainConfig, cells: list[Cell]) -> dict[str, Any]:
     shared = {k: v for k, v in base.to_dict().items() if k not in ("project", "name", "arch", "pretrained", "weights")}
+    if any(c.seed is not None for c in cells):
+        shared["seed"] = sorted({c.seed for c in cells})
     return {"cells": [c.name for c in cells], "settings": shared}
 
 
 def _cell_config(base: TrainConfig, cell: Cell, parent: Path) -> TrainConfig:
     return replace(base, arch=cell.arch, pretrained=cell.pretrained, weights="DEFAULT" if cell.pretrained else None,
-                   project=str(parent), name=cell.name)
+                   project=str(parent), name=cell.name, seed=base.seed if cell.seed is None else cell.seed)
 
 
 def _trained_epochs(run: Path) -> int:
@@ -87,8 +102,9 @@ def _trained_epochs(run: Path) -> int:
 
 
 def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", split: str = "test",
-            tta: bool = False, force: bool = False, events: EventsLike = None, on_epoch_end=None) -> CompareResult:
-    """Train, evaluate and report every cell of the grid; see the module doc.
+            tta: bool = False, force: bool = False, events: EventsLike = None, on_epoch_end=None,
+            seeds: list[int] | None = None) -> CompareResult:
+    """Train, evaluate and report every cell of the grid (once per seed of ``seeds``); see the module doc.
 
     ``on_epoch_end(cell_name, epoch, row)`` is called after every epoch of every cell; ``events``
     hears each cell's training and the comparison's own messages (see :mod:`retinocli.events`).
@@ -100,7 +116,7 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
 
     events = emitter(events)
     say = events.message
-    cells = grid(archs, pretrained)
+    cells = grid(archs, pretrained, seeds)
     parent = Path(base.project) / base.name
     plan = _plan(base, cells)
     plan_file = RunDir(parent).compare_plan
@@ -154,4 +170,5 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
             notes.extend(f"{cell.name}: {n}" for n in evaluated.notes)
     report = write_report(runs, parent / "report", force=True, title=f"Comparison {parent.name}")
     return CompareResult(parent=parent, runs=runs, report_dir=report.out, markdown=report.markdown,
-                         evaluated_split=split, done=done, notes=notes, differences=report.differences)
+                         evaluated_split=split, done=done, notes=notes, differences=report.differences,
+                         study=report.study)

@@ -94,15 +94,14 @@ def _torch_backend(target: str | Path | None, device_spec: str) -> Backend:
 
     from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
-    from retinocli.engine.placement import pick_device
+    from retinocli.engine.placement import Placement
 
     ckpt = RunDir.resolve_checkpoint(target)
     model, state = load_trained(ckpt)
-    device = pick_device(device_spec)
-    model.to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    # fp32: the numbers must match the exported ONNX model's, image for image
+    place = Placement.choose(device_spec, amp=False)
+    place.place(model)
+    device, channels_last = place.device, place.channels_last
     cfg = state["config"]
     names = tuple(state.get("class_names") or GRADE_NAMES)
     grading = Grader.from_dict({"num_grades": len(names), **(state.get("grader") or {})})

@@ -440,3 +440,39 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
         console.print(f"Predictions: {escape(summary.out)}", soft_wrap=True, highlight=False)
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
+
+
+# ------------------------------------------------------------------ seeds (#15)
+def render_seeds(study, console: Console) -> None:
+    """After ``retino train --seeds``: a line per seed, mean ± sd over them, the next commands."""
+    from retinocli.reporting.study import METRIC_LABELS, mean_sd
+
+    for r in study.runs:
+        best = (f"; best epoch {r.best_epoch}: " + ", ".join(
+            f"{METRIC_LABELS[k]} {mean_sd(k, {'mean': r.best[k]})}" for k in ("val_accuracy", "val_qwk")
+            if k in r.best)) if r.best_epoch else ""
+        stopped = f", {r.stopped}" if r.stopped else ""
+        console.print(f"seed {r.seed}: {r.run_dir}: {r.done}{stopped}{best}", markup=False, highlight=False,
+                      soft_wrap=True)
+    finished = [r for r in study.runs if r.best]
+    if study.summary:
+        console.print(f"Over {len(finished)} seed(s), mean ± sd: " + ", ".join(
+            f"{METRIC_LABELS[k]} {mean_sd(k, study.summary[k])}" for k in ("val_accuracy", "val_qwk")
+            if k in study.summary), markup=False, highlight=False, soft_wrap=True)
+    if finished and not study.interrupted:
+        runs = " ".join(str(r.run_dir) for r in finished)
+        console.print(f"Next: for run in {runs}; do retino evaluate $run; done; retino report {runs}",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
+def render_study(st, console: Console) -> None:
+    """``retino report``/``compare`` of seeds: a line per recipe (mean ± sd) and per paired comparison."""
+    from retinocli.reporting.study import METRIC_LABELS, comparison_line, mean_sd
+
+    for r in st.recipes:
+        shown = [k for k in ("qwk", "referable_auc", "val_qwk") if k in r["metrics"]][:2]
+        console.print(f"{r['recipe']}: {len(r['runs'])} seed(s), mean ± sd " + ", ".join(
+            f"{METRIC_LABELS[k]} {mean_sd(k, r['metrics'][k])}" for k in shown), markup=False, highlight=False,
+            soft_wrap=True)
+    for c in st.comparisons:
+        console.print(comparison_line(c).replace("`", ""), markup=False, highlight=False, soft_wrap=True)

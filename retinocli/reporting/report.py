@@ -30,7 +30,7 @@ def _cell(x: Any) -> str:
     return str(x).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return out
@@ -95,21 +95,23 @@ def majority_warnings(runs: list[RunSummary]) -> list[str]:
 
 
 def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
-             notes: list[str] | None = None, gallery: list[str] | None = None) -> str:
+             notes: list[str] | None = None, gallery: list[str] | None = None,
+             study: list[str] | None = None) -> str:
     """The text of report.md; ``figures`` maps a caption to its PNG (already in the report folder);
-    ``gallery`` is the error gallery's section (:func:`retinocli.reporting.gallery.markdown_lines`)."""
+    ``gallery`` is the error gallery's section (:func:`retinocli.reporting.gallery.markdown_lines`);
+    ``study`` the seeds section (:func:`retinocli.reporting.study.markdown_lines`)."""
     evaluated = [r for r in runs if r.evaluated]
     lines = [f"# {title}", "",
              f"{len(runs)} run(s): " + ", ".join(f"`{r.name}` ({r.label}, `{r.dir}`)" for r in runs) + ".", "",
              "## Training", ""]
     differ = settings_that_differ({r.name: r.config for r in runs})
     if differ:
-        lines += _table([*TRAIN_HEADER, DIFFER_COLUMN],
+        lines += markdown_table([*TRAIN_HEADER, DIFFER_COLUMN],
                         [[*_train_row(r), describe_settings(differ[r.name])] for r in runs])
         lines += ["", f"{DIFFER_COLUMN}: the settings in config.json whose value is not the same in every run "
                   f"({', '.join(next(iter(differ.values())))}); all other settings are shared."]
     else:
-        lines += _table(TRAIN_HEADER, [_train_row(r) for r in runs])
+        lines += markdown_table(TRAIN_HEADER, [_train_row(r) for r in runs])
         if len(runs) > 1:
             lines += ["", "The runs were trained with the same settings (config.json)."]
     metrics_used = sorted({METRIC_NAMES[r.select_metric] for r in runs})
@@ -119,7 +121,7 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
 
     lines += ["## Evaluation", ""]
     if evaluated:
-        lines += _table(TEST_HEADER, [_test_row(r) for r in evaluated])
+        lines += markdown_table(TEST_HEADER, [_test_row(r) for r in evaluated])
         lines += ["", "Majority baseline: the accuracy of answering the split's commonest grade for every image. "
                   "Referable DR: grade ≥ 2 (moderate or worse); OvR macro AUC averages each grade against the rest.",
                   ""]
@@ -144,7 +146,8 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
                   f"{meta.get('n_unreadable', 0)} unreadable.", ""]
         rows = [[f"{c['grade']} {c['name']}", pct(c.get("precision")), pct(c.get("recall")), num(c.get("f1")),
                  c.get("support", MISSING)] for c in m.get("per_class", [])]
-        lines += _table(GRADE_HEADER, rows) + [""]
+        lines += markdown_table(GRADE_HEADER, rows) + [""]
+    lines += study or []
 
     lines += ["## Figures", ""]
     for note in notes or []:
@@ -170,6 +173,8 @@ class ReportResult:
         notes: figures skipped and why.
         differences: per run name, the settings not the same in every run
             (:func:`settings_that_differ`; also in report.md's training table).
+        study: seeds and paired comparison (:class:`retinocli.reporting.study.Study`), when the
+            runs hold a recipe with several seeds or two recipes evaluated on the same images.
     """
 
     out: Path
@@ -178,10 +183,12 @@ class ReportResult:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     differences: dict[str, dict[str, Any]] = field(default_factory=dict)
+    study: Any = None
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "markdown": str(self.markdown), "figures": [str(p) for p in self.figures],
-                "warnings": list(self.warnings), "notes": list(self.notes), "differences": self.differences}
+                "warnings": list(self.warnings), "notes": list(self.notes), "differences": self.differences,
+                "study": self.study.to_dict() if self.study is not None else None}
 
 
 def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,
@@ -263,12 +270,16 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         gallery_notes = galleries.notes  # in report.md's gallery section, not under Figures
         gallery_lines = markdown_lines(galleries, {r.name: (r.metrics or {}).get("split", MISSING) for r in loaded})
 
+    from retinocli.reporting.study import markdown_lines as study_lines, write_study  # seeds (#15)
+
+    study = write_study(loaded, out)
     md = out / "report.md"
     text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes,
-                    gallery=gallery_lines)
+                    gallery=gallery_lines, study=study_lines(study) if study.worth_showing else None)
     md.write_text(text, encoding="utf-8")
     return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded),
                         notes=notes + gallery_notes,
-                        differences=settings_that_differ({r.name: r.config for r in loaded}))
+                        differences=settings_that_differ({r.name: r.config for r in loaded}),
+                        study=study if study.worth_showing else None)
 
 
