@@ -283,36 +283,13 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
 ) -> None:
     """Train a ResNet grader (pretrained or from scratch); writes runs/NAME with checkpoints and history."""
-    from retinocli.config import TrainConfig
-
     with user_errors():
         if list_archs:
             _list_archs(json_out)
             return
         if seeds is not None:  # ---- several seeds (#15)
             _check_seeds(ctx, seeds, resume)
-        cfg = None
-        if resume is None:
-            values = dict(
-                data=str(data), layout=layout, images=str(images) if images else None, arch=arch,
-                pretrained=pretrained, weights=weights, mode=mode, head_epochs=head_epochs, stem=stem,
-                img_size=img_size, preprocess=preprocess, augment=augment, augment_on=augment_on,
-                val_fraction=val_fraction, class_weights=class_weights, sampler=sampler, optimizer=optimizer,
-                lr=lr, momentum=momentum,
-                weight_decay=weight_decay, scheduler=scheduler, warmup_epochs=warmup_epochs, epochs=epochs,
-                batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
-                device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
-                patience=patience, select_metric=select_metric, head=head, pool=pool, ema=ema, mixup=mixup,
-                cutmix=cutmix, project=project, name=name)
-            if config is not None:  # the file's values, except where the command line named the option
-                for key, value in TrainConfig.from_file(config).items():
-                    source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
-                    if getattr(source, "name", None) != "COMMANDLINE":
-                        values[key] = value
-            cfg = TrainConfig(**values)
-            from retinocli.models.registry import check_arch
-
-            check_arch(cfg.arch)
+        cfg = _train_config(ctx, config) if resume is None else None
         from retinocli.reporting import render as display
 
         with display.event_bars(err_console if json_out else console, "img") as events:
@@ -344,6 +321,29 @@ def train(
     if not json_out and result.best_epoch and "evaluate" in commands:
         split = "" if result.evaluate_split == "test" else f" --split {result.evaluate_split}"
         console.print(f"Next: [bold]retino evaluate {escape(str(result.run_dir))}{split}[/]", soft_wrap=True)
+
+
+# train's options that are not settings of the run (TrainConfig holds every other one)
+NOT_TRAIN_SETTINGS = ("seeds", "config", "force", "resume", "list_archs", "json_out")
+
+
+def _train_config(ctx: typer.Context, config: Path | None):
+    """The run's settings: every option of ``retino train`` that is one, and the values of the
+    ``--config`` file where the command line did not name the option."""
+    from retinocli.config import TrainConfig
+    from retinocli.models.registry import check_arch
+
+    values = {k: v for k, v in ctx.params.items() if k not in NOT_TRAIN_SETTINGS}
+    for key in ("data", "images"):  # paths as config.json keeps them
+        values[key] = str(values[key]) if values[key] is not None else None
+    if config is not None:
+        for key, value in TrainConfig.from_file(config).items():
+            source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
+            if getattr(source, "name", None) != "COMMANDLINE":
+                values[key] = value
+    cfg = TrainConfig(**values)
+    check_arch(cfg.arch)
+    return cfg
 
 
 def _check_seeds(ctx: typer.Context, seeds: str, resume: Path | None) -> None:
