@@ -95,7 +95,7 @@ INFO = {
     "precision": "fp32", "version": "0.1.0", "exported": "2024-05-01T12:00:00+00:00",
 }
 
-def build_model(path: Path, *, size: int = SIZE, fp16: bool = False, info: dict | None = None,
+def build_tiny_onnx(path: Path, *, size: int = SIZE, fp16: bool = False, info: dict | None = None,
                 input_name: str = "images", static_size: bool = True) -> Path:
     """Save the tiny grader; fp16 takes and returns float16 like a half-precision export.
 

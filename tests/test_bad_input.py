@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from retinocli import GRADE_NAMES
 from retinocli.cli import app
-from builders import build_model as build_tiny_onnx
+from builders import build_tiny_onnx
 from builders import png_claiming
 
 OK = "ok"

@@ -114,11 +114,11 @@ def test_every_method_runs(method: str, trained_run: Path, lesion_set, tmp_path:
 def test_target_layer_is_layer4s_last_block_for_every_arch() -> None:
     """Every architecture retino trains has the stage the CAM hooks, and its output feeds the head."""
     from retinocli.reporting.explain import target_layer
-    from retinocli.models.registry import ARCHS, build_model
+    from retinocli.models.registry import ARCHS, random_model
 
     for arch in ARCHS:
         with torch.device("meta"):
-            model = build_model(arch)
+            model = random_model(arch)
         block = target_layer(model)
         assert block is model.layer4[-1]
         last_norm = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]

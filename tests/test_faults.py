@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from retinocli.engine.checkpoints import load_checkpoint
-from builders import build_model as build_tiny_onnx
+from builders import build_tiny_onnx
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 

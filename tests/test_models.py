@@ -5,7 +5,7 @@ import torch
 
 from builders import put_imagenet_weights
 from retinocli.errors import RetinoError
-from retinocli.models.registry import (ARCHS, build_model, cached_weight_file, create_model, freeze_backbone,
+from retinocli.models.registry import (ARCHS, random_model, cached_weight_file, create_model, freeze_backbone,
                               parameter_count, set_train_mode, use_small_stem)
 
 
@@ -41,7 +41,7 @@ def test_missing_weights_name_the_file_and_folder(torch_home):
 
 def test_weights_from_a_file(tmp_path):
     torch.manual_seed(1)
-    source = build_model("resnet34")
+    source = random_model("resnet34")
     torch.save(source.state_dict(), tmp_path / "mine.pth")
     model = create_model("resnet34", weights=str(tmp_path / "mine.pth"))
     assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
@@ -53,7 +53,7 @@ def test_weights_from_a_file(tmp_path):
 
 
 def test_freezing_keeps_batch_norm_statistics():
-    model = build_model("resnet18")
+    model = random_model("resnet18")
     freeze_backbone(model, True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
@@ -72,5 +72,5 @@ def test_small_stem_choice():
     assert not use_small_stem("auto", 28, pretrained=True)
     assert not use_small_stem("auto", 224, pretrained=False)
     assert use_small_stem("small", 512, pretrained=True)
-    out = build_model("resnet18", small_stem=True)(torch.randn(2, 3, 28, 28))
+    out = random_model("resnet18", small_stem=True)(torch.randn(2, 3, 28, 28))
     assert out.shape == (2, 5)

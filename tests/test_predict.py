@@ -33,7 +33,7 @@ from retinocli.deploy.metadata import (META_PREFIX, ModelInfo, load_model_file, 
 from retinocli.deploy.onnx_model import OnnxGrader
 from retinocli.deploy.providers import CPU, nvidia_gpu_present, provider_options, resolve_providers
 
-from builders import B, INFO, SIZE, W, build_model, png_claiming, write_image
+from builders import B, INFO, SIZE, W, build_tiny_onnx, png_claiming, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("model") / "model.onnx")
+    return build_tiny_onnx(tmp_path_factory.mktemp("model") / "model.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_metadata_round_trip_is_exact(tmp_path):
     assert metadata_props(info.to_dict()) == props
 
     # Through a file, next to metadata that is not ours, which survives.
-    path = build_model(tmp_path / "m.onnx", info={"epoch": None, "metrics": {}})
+    path = build_tiny_onnx(tmp_path / "m.onnx", info={"epoch": None, "metrics": {}})
     model = onnx.load(str(path))
     model.metadata_props.add(key="producer_note", value="kept")
     set_metadata(model, {**INFO, "weights": "none"})
@@ -179,7 +179,7 @@ def test_load_model_file_refuses_what_is_not_a_model(tmp_path, model_path):
             load_model_file(path)
         assert message in str(err.value) and "\n" not in str(err.value)
 
-    bare = build_model(tmp_path / "bare.onnx", info=False)
+    bare = build_tiny_onnx(tmp_path / "bare.onnx", info=False)
     with pytest.raises(RetinoError, match=r"bare\.onnx has no retino metadata; export it"):
         OnnxGrader(bare, "cpu")
 
@@ -187,8 +187,8 @@ def test_load_model_file_refuses_what_is_not_a_model(tmp_path, model_path):
 def test_newest_model(tmp_path):
     with pytest.raises(RetinoError, match="no exported model under .*runs/; run `retino export` first"):
         newest_model(tmp_path / "runs")
-    old = build_model(tmp_path / "runs" / "a" / "model.onnx")
-    new = build_model(tmp_path / "runs" / "b" / "deep" / "model-fp16.onnx", fp16=True)
+    old = build_tiny_onnx(tmp_path / "runs" / "a" / "model.onnx")
+    new = build_tiny_onnx(tmp_path / "runs" / "b" / "deep" / "model-fp16.onnx", fp16=True)
     os.utime(old, (1_000_000, 1_000_000))
     os.utime(new, (2_000_000, 2_000_000))
     assert newest_model(tmp_path / "runs") == new
@@ -227,7 +227,7 @@ def test_grader_attributes_and_edges(grader, model_path):
 
 
 def test_fp16_model_casts_in_and_out(tmp_path):
-    g = OnnxGrader(build_model(tmp_path / "half.onnx", fp16=True), "cpu")
+    g = OnnxGrader(build_tiny_onnx(tmp_path / "half.onnx", fp16=True), "cpu")
     assert g.input_dtype == np.float16 and g.info.precision == "fp16"
     x = np.random.default_rng(0).normal(0, 1, (3, 3, SIZE, SIZE)).astype(np.float32)
     logits, probs = g.run(x)
@@ -238,19 +238,19 @@ def test_fp16_model_casts_in_and_out(tmp_path):
 
 
 def test_grader_checks_the_graph_against_its_metadata(tmp_path):
-    renamed = build_model(tmp_path / "renamed.onnx", input_name="x")
+    renamed = build_tiny_onnx(tmp_path / "renamed.onnx", input_name="x")
     with pytest.raises(RetinoError, match="expected one input 'images' and outputs 'logits' and 'probs'"):
         OnnxGrader(renamed, "cpu")
     # The graph takes 32 px while the metadata says 16.
-    mismatch = build_model(tmp_path / "mismatch.onnx", size=32, info={"preprocess": {"size": 16}})
+    mismatch = build_tiny_onnx(tmp_path / "mismatch.onnx", size=32, info={"preprocess": {"size": 16}})
     with pytest.raises(RetinoError, match=r"asks for \[batch, 3, 16, 16\]"):
         OnnxGrader(mismatch, "cpu")
     # A dynamic side is fine.
-    assert OnnxGrader(build_model(tmp_path / "dyn.onnx", static_size=False), "cpu").provider == CPU
+    assert OnnxGrader(build_tiny_onnx(tmp_path / "dyn.onnx", static_size=False), "cpu").provider == CPU
 
 
 def test_model_onnxruntime_cannot_load_is_one_line(tmp_path):
-    path = build_model(tmp_path / "new.onnx")
+    path = build_tiny_onnx(tmp_path / "new.onnx")
     model = onnx.load(str(path))
     model.ir_version = 14  # onnx 1.23's default, which onnxruntime 1.31 cannot read (max 13)
     onnx.save(model, str(path))
@@ -283,7 +283,7 @@ def test_providers_on_this_machine(model_path):
 
 
 def test_gpu_provider_options(tmp_path):
-    path = build_model(tmp_path / "m.onnx", fp16=True)
+    path = build_tiny_onnx(tmp_path / "m.onnx", fp16=True)
     info = read_model_info(path)
     providers, notes = provider_options(
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU], info)
@@ -650,7 +650,7 @@ def test_full_size_kaggle_photos(tmp_path, shared_data):
     n = len(find_images(images))
     assert n == len([p for p in images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")])
     info = {"preprocess": Preprocess(size=64, mode="crop").to_dict()}
-    g = OnnxGrader(build_model(tmp_path / "m64.onnx", size=64, info=info), "cpu")
+    g = OnnxGrader(build_tiny_onnx(tmp_path / "m64.onnx", size=64, info=info), "cpu")
     assert g.info.preprocess.mode == "crop"
     summary = predict_folder(images, g, out=tmp_path / "kaggle.csv", batch_size=4)
     rows = read_rows(tmp_path / "kaggle.csv")

@@ -1,6 +1,6 @@
 """The one predictions schema: every writer writes it, every reader checks it (issue #12).
 
-evaluate and predict run here on a tiny ONNX model (test_predict.build_model) and a small
+evaluate and predict run here on a tiny ONNX model (builders.build_tiny_onnx) and a small
 synth dataset, so nothing trains and torch is not needed.
 """
 
@@ -26,7 +26,7 @@ from retinocli.reporting.report import write_report
 from retinocli.reporting.runs import load_run
 from retinocli.deploy.onnx_model import OnnxGrader
 
-from builders import build_model, make_run, predictions
+from builders import build_tiny_onnx, make_run, predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -41,7 +41,7 @@ def written(tmp_path_factory) -> dict[str, Path]:
     data = root / "data"
     generate(data, n=40, size=32, seed=3)
     (data / "test" / sorted((data / "test").iterdir())[0].name).write_bytes(b"")  # one unreadable image
-    model = build_model(root / "model.onnx")
+    model = build_tiny_onnx(root / "model.onnx")
     result = evaluate(model, data=data, split="test", out=root / "eval", provider="cpu")
     grader = OnnxGrader(model, "cpu")
     predict_folder(data / "test", grader, out=root / "predict.csv")

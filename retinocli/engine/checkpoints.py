@@ -115,7 +115,7 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
         RetinoError: unreadable checkpoint, no preprocessing settings, or weights that do not fit
             the stored architecture.
     """
-    from retinocli.models.registry import build_model
+    from retinocli.models.registry import random_model
 
     state = load_checkpoint(path, map_location=map_location)
     if not isinstance(state.get("preprocess"), dict):
@@ -125,7 +125,7 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
     arch = cfg.get("arch") if isinstance(cfg, dict) else None
     names = state.get("class_names") or []
     try:
-        model = build_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")),
+        model = random_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")),
                             head=cfg.get("head", "classification"), pool=cfg.get("pool", "avg"))
         model.load_state_dict(state["model"])
     except RetinoError:

@@ -70,7 +70,7 @@ def load_imagenet_state(arch: str, name: str) -> dict[str, torch.Tensor]:
                           f"put {target.name} (from {weights.url}) into {target.parent}") from None
 
 
-def build_model(arch: str, *, num_classes: int = NUM_GRADES, small_stem: bool = False,
+def random_model(arch: str, *, num_classes: int = NUM_GRADES, small_stem: bool = False,
                 head: str = "classification", pool: str = "avg") -> nn.Module:
     """A torchvision ResNet with a fresh ``head`` for ``num_classes`` grades (random weights);
     ``pool`` avg or gem (see :mod:`retinocli.models.heads`)."""
@@ -103,7 +103,7 @@ def create_model(arch: str, *, weights: str | None = None, num_classes: int = NU
 
     The classification head is always new: ImageNet's 1000 classes are not grades.
     """
-    model = build_model(arch, num_classes=num_classes, small_stem=small_stem, head=head, pool=pool)
+    model = random_model(arch, num_classes=num_classes, small_stem=small_stem, head=head, pool=pool)
     if weights is None:
         return model
     if weights.lower().endswith((".pth", ".pt")) or Path(weights).is_file():
@@ -152,5 +152,5 @@ def set_train_mode(model: nn.Module, *, backbone_frozen: bool) -> None:
 def parameter_count(arch: str, num_classes: int = NUM_GRADES) -> int:
     """Parameters of ``arch`` with a grading head, counted without allocating memory."""
     with torch.device("meta"):
-        model = build_model(arch, num_classes=num_classes)
+        model = random_model(arch, num_classes=num_classes)
     return sum(p.numel() for p in model.parameters())

@@ -323,11 +323,11 @@ def training_step(arch: str, device, *, amp: bool, channels_last: bool, compiled
     import torch
     from torch import nn
 
-    from retinocli.models.registry import build_model
+    from retinocli.models.registry import random_model
     from retinocli.engine.placement import amp_dtype_for
 
     torch.manual_seed(0)
-    model = build_model(arch).to(device)
+    model = random_model(arch).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compiled else model
@@ -470,11 +470,11 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
     import onnxruntime as ort
     import torch
 
-    from retinocli.models.registry import build_model
+    from retinocli.models.registry import random_model
     from retinocli.deploy.onnx_model import OnnxGrader
 
     torch.manual_seed(0)
-    model = build_model(arch).eval()
+    model = random_model(arch).eval()
     gpu = device.type == "cuda"
     available = ort.get_available_providers()
     gpu_providers = [p for p, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
@@ -496,7 +496,7 @@ def bench_infer(arch: str, size: int, batches: tuple[int, ...], device, tmp: Pat
             graders[key] = OnnxGrader(paths[key[1]], provider=key[0])
         except RetinoError as exc:
             notes.append(f"onnxruntime {key[0]} {key[1]}: {exc}")
-    half = build_model(arch).to(device).eval().half().to(memory_format=torch.channels_last) if gpu else None
+    half = random_model(arch).to(device).eval().half().to(memory_format=torch.channels_last) if gpu else None
     for batch in batches:
         cpu_too = not gpu or batch <= 8
         x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
@@ -557,12 +557,12 @@ def onnx_model(arch: str, size: int, tmp: Path, precision: str, *, model=None, f
 
     from retinocli import GRADE_NAMES
     from retinocli.deploy.export import quantize_int8, to_onnx
-    from retinocli.models.registry import build_model
+    from retinocli.models.registry import random_model
     from retinocli.deploy.metadata import set_metadata
 
     if model is None:
         torch.manual_seed(0)
-        model = build_model(arch).eval()
+        model = random_model(arch).eval()
     prep = Preprocess(size=size, mode="none")
     path = tmp / f"{arch}-{size}-{precision}.onnx"
     if precision == "int8":
