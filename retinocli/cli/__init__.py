@@ -406,11 +406,11 @@ def evaluate(
 
     shown = err_console if json_out else console
     with user_errors():
-        with display.progress_bar(shown, "img", transient=True) as bar:
+        with display.event_bars(shown, "img", transient=True) as events:
             result = run_evaluation(model, data=data, split=split, layout=layout, images=images, tta=tta,
                                     out=out, force=force, batch_size=batch_size, threads=threads,
                                     device=device, provider=provider, bootstrap=bootstrap, seed=seed,
-                                    progress=bar)
+                                    events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -488,8 +488,9 @@ def export(
     from retinocli.deploy.export import export as run_export
 
     with user_errors():
-        result = run_export(model, out=out, fp16=fp16, int8=int8, opset=opset, force=force,
-                            calibration_images=calibration_images, console=err_console if json_out else console)
+        with display.event_bars(err_console if json_out else console) as events:
+            result = run_export(model, out=out, fp16=fp16, int8=int8, opset=opset, force=force,
+                                calibration_images=calibration_images, events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

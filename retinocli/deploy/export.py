@@ -26,6 +26,7 @@ import numpy as np
 
 from retinocli import __version__
 from retinocli.errors import RetinoError
+from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.models.grading import Grader
 
@@ -55,8 +56,11 @@ class ExportResult:
 
 def export(target: str | Path | None = None, *, out: str | Path | None = None, fp16: bool = False,
            int8: bool = False, opset: int = OPSET, force: bool = False,
-           calibration_images: int = CALIBRATION_IMAGES, console=None) -> ExportResult:
-    """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc."""
+           calibration_images: int = CALIBRATION_IMAGES, events: EventsLike = None) -> ExportResult:
+    """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc.
+
+    ``events`` hears what is being done, as messages (see :mod:`retinocli.events`).
+    """
     from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
 
@@ -72,7 +76,7 @@ def export(target: str | Path | None = None, *, out: str | Path | None = None, f
     if calibration_images < 1:
         raise RetinoError(f"--calibration-images must be >= 1, got {calibration_images}")
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
-    say = console.print if console is not None else (lambda *a, **k: None)
+    say = emitter(events).message
     start = time.perf_counter()
     ckpt = RunDir.resolve_checkpoint(target)
     out = Path(out) if out is not None else RunDir.of(ckpt).model(precision)

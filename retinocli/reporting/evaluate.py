@@ -27,6 +27,7 @@ import numpy as np
 from retinocli import GRADE_NAMES
 from retinocli.reporting import metrics
 from retinocli.errors import RetinoError, atomic_write
+from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, to_batch
 from retinocli.models.grading import Grader
 
@@ -152,10 +153,11 @@ class Scored:
 
 
 def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_size: int = 64,
-                threads: int | None = None, progress=None, description: str = "evaluate") -> Scored:
+                threads: int | None = None, events: EventsLike = None, description: str = "evaluate") -> Scored:
     """Decode (threaded, overlapped with inference) and score every path; broken files are recorded.
 
     A path listed twice (a duplicated label row) is decoded once and scored on both rows.
+    ``events`` hears a task named ``description``, advanced per decoded batch.
     """
     from retinocli.deploy.predict import decode_batches
 
@@ -164,7 +166,8 @@ def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_
     where = {p: i for i, p in enumerate(unique)}
     scores = np.full((len(unique), k), np.nan, np.float32)
     errors: dict[str, str] = {}
-    task = progress.add_task(description, total=len(unique), postfix="") if progress is not None else None
+    say = emitter(events)
+    say.started(description, total=len(unique))
     start = time.perf_counter()
     for batch in decode_batches(unique, backend.preprocess, batch_size=batch_size, threads=threads):
         for path, reason in batch.errors:
@@ -172,8 +175,8 @@ def score_paths(backend: Backend, paths: list[str], *, tta: bool = False, batch_
         if len(batch.good):
             out = predict_probs(backend, to_batch(batch.images, backend.preprocess), tta=tta)
             scores[[where[str(p)] for p in batch.good]] = out
-        if task is not None:
-            progress.update(task, advance=len(batch.paths))
+        say.advanced(description, len(batch.paths))
+    say.finished(description)
     probs = scores[[where[p] for p in paths]] if paths else scores
     return Scored(paths=list(paths), probs=probs, errors=errors, seconds=time.perf_counter() - start)
 
@@ -244,7 +247,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
              layout: str | None = None, images: str | Path | None = None, tta: bool = False,
              out: str | Path | None = None, force: bool = False, batch_size: int = 64,
              threads: int | None = None, device: str = "auto", provider: str = "auto",
-             bootstrap: int = 1000, seed: int = 0, progress=None) -> EvalResult:
+             bootstrap: int = 1000, seed: int = 0, events: EventsLike = None) -> EvalResult:
     """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv."""
     if batch_size < 1:
         raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
@@ -264,7 +267,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     names, paths, grades, source, missing = split_records(backend, data=data, split=split, layout=layout,
                                                           images=images)
 
-    scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, progress=progress)
+    scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, events=events)
     ok = ~np.isnan(scored.probs).any(axis=1)
     if not ok.any():
         raise RetinoError(f"none of the {len(paths)} {split} images could be read "
