@@ -274,6 +274,8 @@ def train(
                                             "for validation, best.pt and export (0: off; e.g. 0.999).")] = 0.0,
     mixup: Annotated[float, typer.Option(help="Mixup Beta alpha (0: off; e.g. 0.2).")] = 0.0,
     cutmix: Annotated[float, typer.Option(help="CutMix Beta alpha (0: off; e.g. 1.0).")] = 0.0,
+    target_sensitivity: Annotated[float, typer.Option(help="Referable-DR sensitivity the referral threshold is "
+                                                           "frozen for on validation.")] = 0.87,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of train options (keys as option "
                                                         "names); options given here override it.")] = None,
     project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
@@ -302,7 +304,7 @@ def train(
                 batch_size=batch_size, label_smoothing=label_smoothing, seed=seed, deterministic=deterministic,
                 device=device, amp=amp, channels_last=channels_last, compile=compile, workers=workers,
                 patience=patience, select_metric=select_metric, head=head, pool=pool, ema=ema, mixup=mixup,
-                cutmix=cutmix, project=project, name=name)
+                cutmix=cutmix, target_sensitivity=target_sensitivity, project=project, name=name)
             if config is not None:  # the file's values, except where the command line named the option
                 for key, value in TrainConfig.from_file(config).items():
                     source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)

@@ -11,7 +11,9 @@ The contract with export.py, all in one place:
     outputs  ``logits`` and ``probs``: [batch, number of grades] (classification head); other
              heads (``retino.grader``: regression, ordinal) output only ``logits``, the raw
              head [batch, 1 or K-1], and `retinocli.models.grading` turns it into probabilities and
-             grades with the cut points stored in ``retino.grader``
+             grades with the cut points stored in ``retino.grader``; the temperature, frozen referral
+             threshold and fellow-eye fusion stored there (issue #15) apply to every head,
+             the classification head's graph ``probs`` included
     metadata string key/values, all under ``retino.``; `metadata_props` writes them and
              `parse_metadata` reads them back, as data only (json.loads, never eval)
 """
@@ -281,7 +283,7 @@ def _grader_value(ours: dict[str, str], name: str) -> dict[str, Any]:
         Grader.from_dict(value).cuts  # noqa: B018 - parses head, cut points and scale
         if not isinstance(value, dict) or value.get("head", "classification") not in HEADS:
             raise ValueError(value)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, KeyError):
         raise RetinoError(f"{name}: {META_PREFIX}grader is not what export writes: {ours['grader']!r}") from None
     return value
 
@@ -585,6 +587,7 @@ class OnnxGrader:
         try:
             if grading.head == "classification":
                 logits, probs = self.session.run(list(OUTPUT_NAMES), feed)
+                probs = grading.calibrate(probs)  # the stored temperature (identity at T = 1)
             else:
                 (logits,) = self.session.run(["logits"], feed)
                 probs = grading.probabilities(logits)

@@ -28,7 +28,8 @@ from retinocli.config import TrainConfig
 from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
                             make_loader, sample_weights, training_split)
 from retinocli.errors import RetinoError
-from retinocli.models.grading import Grader, fit_grader
+from retinocli.models.freeze import freeze_grader
+from retinocli.models.grading import Grader
 from retinocli.models.heads import HeadLoss, rough_grades
 from retinocli.engine.regularize import BatchMix, make_ema
 from retinocli.models.registry import create_model, freeze_backbone, set_train_mode, use_small_stem
@@ -279,15 +280,17 @@ def predict_loader(model, loader, *, device, autocast, mean, std, channels_last)
     return torch.cat(targets).numpy(), torch.cat(outputs).numpy()
 
 
-def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None) -> dict:
-    """Loss (NLL of the grade probabilities), accuracy, QWK and balanced accuracy over the readable
-    images; ``grader`` turns probabilities into grades (None: argmax)."""
+def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None,
+                       nll_probs: np.ndarray | None = None) -> dict:
+    """Loss (NLL of ``nll_probs``, default ``probs``), accuracy, QWK and balanced accuracy over the
+    readable images; ``grader`` turns probabilities into grades (None: argmax)."""
     keep = y != IGNORE
+    nll = (probs if nll_probs is None else nll_probs)[keep]
     y, probs = y[keep], probs[keep]
     if len(y) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "qwk": float("nan"), "balanced_accuracy": float("nan")}
     pred = (grader or Grader()).grades(probs)
-    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    loss = float(-np.log(np.clip(nll[np.arange(len(y)), y], 1e-12, None)).mean())
     # plain floats: numpy scalars would not pass the weights_only unpickler
     return {"loss": loss, "accuracy": float(metrics.accuracy(y, pred)),
             "qwk": float(metrics.quadratic_weighted_kappa(y, pred)),
@@ -365,6 +368,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     on_device = cfg.augment_on == "device"
     train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=rank) if on_device else None
+    val_names = val_rec["image"].astype(str).to_numpy()  # in val_loader's order (not shuffled)
     val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
     workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
     weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
@@ -484,6 +488,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     stopped = "completed"
     interrupted = False
     epoch = start_epoch
+    freeze_notes: list[str] = []  # what the last epoch could not freeze on validation (#15)
     unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
     bar_ctx = progress_bar(console, "img") if (console is not None and rank == 0) else nullcontext()
     try:
@@ -527,11 +532,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
                     dist.all_gather_object(parts, (y, raw))
                     y = np.concatenate([p[0] for p in parts])
                     raw = np.concatenate([p[1] for p in parts])
-                # cut points (regression, ordinal) are fitted on this epoch's validation outputs
+                # cut points, temperature, referral threshold and fusion (#14, #15) are fitted
+                # on this epoch's validation outputs; val loss is the model's own (T = 1) NLL
                 readable = y != IGNORE
-                grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
-                probs = grader.probabilities(raw)
-                val = validation_metrics(y, probs, grader)
+                grader, freeze_notes = freeze_grader(
+                    cfg.head, raw[readable], y[readable], num_grades=NUM_GRADES,
+                    target_sensitivity=cfg.target_sensitivity, names=None if ddp else val_names[readable])
+                val = validation_metrics(y, grader.probabilities(raw), grader,
+                                         nll_probs=grader.uncalibrated(raw))
                 unreadable = max(unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
                 row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
                        "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
@@ -571,7 +579,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
     failures = train_set.failures + val_set.failures  # paths are known only without worker processes
-    result_notes = []
+    result_notes = list(freeze_notes)
     warnings = []
     if best:
         grade, bar_acc = metrics.majority_baseline(val_rec["grade"].astype(int).to_numpy())
