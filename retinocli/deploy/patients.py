@@ -31,15 +31,17 @@ __all__ = ["patients_target", "read_output", "write_patients"]
 
 
 def patients_target(out: Any, patients: str | Path | None, names: Sequence[str], grader: Grader, *,
-                    force: bool, resume: bool, fuse_eyes: bool) -> Path | None:
-    """Where the per-patient file goes, or None; refused before any image is read.
+                    force: bool, resume: bool, fuse_eyes: bool) -> tuple[Path | None, str | None]:
+    """Where the per-patient file goes (or None) and a note; checked before any image is read.
 
     ``patients`` when given; else ``patients.csv`` beside a file output when some name
-    gives a patient and an eye; else (stdout, or no patient in the names) none.
+    gives a patient and an eye; else (stdout, or no patient in the names) none. A default
+    file that exists already (another predict into the same folder) is left alone, with a
+    note, unless ``--force`` or ``--resume``.
 
     Raises:
         RetinoError: ``--fuse-eyes`` without a stored fusion or without eyes in the names,
-            or a file that exists without ``--force``/``--resume``.
+            or a ``--patients`` file that exists without ``--force``/``--resume``.
     """
     from retinocli.rundir import RunDir
 
@@ -53,7 +55,7 @@ def patients_target(out: Any, patients: str | Path | None, names: Sequence[str],
     if patients is not None:
         target = Path(patients)
     elif hasattr(out, "write") or not has_eyes:
-        return None
+        return None, None
     else:
         target = RunDir(Path(out).parent).patients()
         if target == Path(out):
@@ -63,8 +65,10 @@ def patients_target(out: Any, patients: str | Path | None, names: Sequence[str],
     if not hasattr(out, "write") and target.absolute() == Path(out).absolute():
         raise RetinoError(f"--patients {target} is the predictions file itself; name another file")
     if target.exists() and not (force or resume):
-        raise RetinoError(f"{target} exists; pass --force to overwrite it (or --patients FILE)")
-    return target
+        if patients is None:
+            return None, f"{target} exists, left as it is: no per-patient file (--patients FILE or --force)"
+        raise RetinoError(f"{target} exists; pass --force to overwrite it")
+    return target, None
 
 
 def read_output(path: Path, json_lines: bool) -> list[dict[str, Any]]:

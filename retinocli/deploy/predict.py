@@ -451,8 +451,9 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     fieldnames = schema.columns(k, labelled=False)
     notes: list[str] = []  # the model's own notes (provider fallback) stay in model.notes
     grading = model.info.grading
-    patients_path = patients_target(out, patients, [_image_name(p, root) for p in images], grading,
-                                    force=force, resume=resume, fuse_eyes=fuse_eyes)
+    patients_path, note = patients_target(out, patients, [_image_name(p, root) for p in images], grading,
+                                          force=force, resume=resume, fuse_eyes=fuse_eyes)
+    notes += [note] if note else []
     streamed: list[dict[str, Any]] = []  # a stream's rows, for the per-patient file
 
     earlier = _Earlier()
