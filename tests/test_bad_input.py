@@ -129,6 +129,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "cannot resume, its weights do not fit resnet18 with 5 grades"),
         ("resume-from-best-pt", ["--resume", "{run}/best.pt"],
          "best.pt keeps only the model (for evaluate and export): resume from"),
+        ("target-sensitivity-zero", ["--target-sensitivity", "0"], "--target-sensitivity must be in (0, 1]; got 0.0"),
     ],
     "evaluate": [
         ("batch-size-zero", ["{run}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -158,6 +159,8 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("onnx-size-unlike-its-graph", ["{models}/size-mismatch.onnx"], "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["{models}/three-grades.onnx"],
          "output 'logits' has 5 values, but its metadata asks for 3"),
+        ("fuse-eyes-on-the-val-split", ["{run}", "--fuse-eyes", "--split", "val"],
+         "the fellow-eye fusion is fitted on the validation split"),
     ],
     "export": [
         ("opset-16", ["{run}", "--opset", "16"], "--opset must be >= 17, got 16"),
@@ -212,6 +215,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["--model", "{models}/three-grades.onnx"],
          "output 'logits' has 5 values, but its metadata asks for 3"),
+        ("fuse-eyes-model-without-fusion", ["--fuse-eyes"], "--fuse-eyes: this model stores no fellow-eye fusion"),
     ],
 }
 

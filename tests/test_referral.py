@@ -260,3 +260,13 @@ def test_predict_patients_file_is_not_overwritten(exported, tmp_path):
         predict_folder(folder, OnnxGrader(exported, "cpu"), out=tmp_path / "b.csv", patients=mine)
     with open(tmp_path / "a.csv", newline="") as fh:
         assert next(csv.reader(fh)) == list(schema.PREDICT_COLUMNS)
+
+
+def test_report_draws_the_reliability_diagram(run_copy, tmp_path):
+    from retinocli.reporting.report import write_report
+
+    evaluate(run_copy, split="test", bootstrap=0)
+    result = write_report([run_copy], tmp_path / "report")
+    png = tmp_path / "report" / f"{run_copy.name}-reliability.png"
+    assert png in result.figures and png.stat().st_size > 10_000
+    assert f"]({png.name})" in result.markdown.read_text()

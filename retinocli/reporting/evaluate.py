@@ -260,6 +260,12 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     if bootstrap < 0 or bootstrap in (1, 2):
         raise RetinoError(f"--bootstrap must be 0 (no intervals) or >= 3 resamples, got {bootstrap}")
     backend = open_model(target, device=device, provider=provider, threads=threads)
+    from retinocli.reporting import referral
+
+    fusion = None
+    if fuse_eyes:  # before the split is read: a refusal costs no inference
+        backend.grader, fusion = referral.fusion_for(backend, split=split, tta=tta, batch_size=batch_size,
+                                                     threads=threads)
     out_dir = Path(out) if out is not None else default_out_dir(backend)
     from retinocli.rundir import RunDir
 
@@ -271,12 +277,6 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     names, paths, grades, source, missing = split_records(backend, data=data, split=split, layout=layout,
                                                           images=images)
 
-    from retinocli.reporting import referral
-
-    fusion = None
-    if fuse_eyes:  # before the split is scored: a refusal costs no inference
-        backend.grader, fusion = referral.fusion_for(backend, split=split, tta=tta, batch_size=batch_size,
-                                                     threads=threads)
     scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, progress=progress)
     ok = ~np.isnan(scored.probs).any(axis=1)
     if not ok.any():
