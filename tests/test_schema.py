@@ -58,7 +58,7 @@ def rows_of(path: Path) -> list[dict[str, str]]:
 def test_the_columns_are_the_documented_schema():
     probs = tuple(f"prob_{g}" for g in range(5))
     assert schema.EVALUATE_COLUMNS == ("image", "path", "true_grade", "predicted_grade", "grade_name",
-                                       "confidence", *probs, "referable_prob", "status", "error")
+                                       "confidence", *probs, "referable_prob", "referable", "status", "error")
     assert schema.PREDICT_COLUMNS == tuple(c for c in schema.EVALUATE_COLUMNS if c != "true_grade")
     assert schema.columns(3, labelled=False)[5:9] == ("prob_0", "prob_1", "prob_2", "referable_prob")
     readme = (ROOT / "README.md").read_text()

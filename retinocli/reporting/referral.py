@@ -118,12 +118,12 @@ def referral_table(frame: pd.DataFrame) -> pd.DataFrame:
     :meth:`Grader.referable`); a patient is referable when any of their images is, the
     decision ``predict`` and ``evaluate`` write per image, so the two files never disagree.
     """
-    from retinocli.deploy.schema import NO, REFERABLE, YES
+    from retinocli.deploy.schema import IMAGE, NO, REFERABLE, YES
     from retinocli.reporting import clinical
 
     table = clinical.patient_table(frame)
     ok = frame[frame[REFERABLE].isin([YES, NO])]
-    patients = clinical.patient_ids(ok["image"].astype(str).tolist())[0]
+    patients = clinical.patient_ids(ok[IMAGE].astype(str).tolist())[0]
     referred = set(patients[(ok[REFERABLE] == YES).to_numpy()])
     table[REFERABLE] = np.where(table["patient"].astype(str).isin(referred), YES, NO)
     return table
@@ -139,26 +139,27 @@ def add_sections(report: dict[str, Any], frame: pd.DataFrame, grader: Grader, *,
     ``frame`` is evaluate's labelled frame of the readable images (with ``referable``);
     ``probs`` the probabilities graded (fused or not), ``single`` those before fusion.
     """
+    from retinocli.deploy import schema as s
     from retinocli.reporting import clinical
 
     fused = fusion is not None
-    frame = frame.assign(referable_prob=referable_score(probs))  # the scores the decisions thresholded
-    patients, eyes = clinical.patient_ids(frame["image"].astype(str).tolist())
+    frame = frame.assign(**{s.REFERABLE_PROB: referable_score(probs)})  # the scores the decisions thresholded
+    patients, eyes = clinical.patient_ids(frame[s.IMAGE].astype(str).tolist())
     groups = patients if eyes.astype(bool).any() else None
-    pred = frame["predicted_grade"].to_numpy(np.int64)
+    pred = frame[s.PREDICTED_GRADE].to_numpy(np.int64)
     common = dict(fused=fused, n_boot=n_boot, seed=seed, num_classes=num_classes)
-    report["operating_point"] = operating_section(y, pred, frame["referable_prob"].to_numpy(), grader,
+    report["operating_point"] = operating_section(y, pred, frame[s.REFERABLE_PROB].to_numpy(), grader,
                                                   groups=groups, **common)
     if "patients" in report:
         table = clinical.patient_table(frame)
         report["patients"]["operating_point"] = operating_section(
-            table["true_grade"].to_numpy(np.int64), table["predicted_grade"].to_numpy(np.int64),
-            table["referable_prob"].to_numpy(float), grader, **common)
+            table[s.TRUE_GRADE].to_numpy(np.int64), table[s.PREDICTED_GRADE].to_numpy(np.int64),
+            table[s.REFERABLE_PROB].to_numpy(float), grader, **common)
     report["calibration"] = calibration_section(y, single, grader)
     if fused:
         report["fusion"] = {**{k: v for k, v in fusion.items()},
-                            "single": headline(frame["image"].tolist(), y, single, grader.grades(single)),
-                            "fused": headline(frame["image"].tolist(), y, probs, pred)}
+                            "single": headline(frame[s.IMAGE].tolist(), y, single, grader.grades(single)),
+                            "fused": headline(frame[s.IMAGE].tolist(), y, probs, pred)}
 
 
 def headline(names: list[str], y: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -167,13 +168,15 @@ def headline(names: list[str], y: np.ndarray, probs: np.ndarray, pred: np.ndarra
     from retinocli.reporting import clinical
     from retinocli.reporting.metrics import REFERABLE_GRADE, quadratic_weighted_kappa, roc_auc
 
-    frame = predictions_frame(names, y, probs).assign(predicted_grade=np.asarray(pred, np.int64))
+    from retinocli.deploy import schema as s
+
+    frame = predictions_frame(names, y, probs).assign(**{s.PREDICTED_GRADE: np.asarray(pred, np.int64)})
     table = clinical.patient_table(frame)
     score = referable_score(probs)
     return {"qwk": float(quadratic_weighted_kappa(y, pred)),
             "referable_auc": float(roc_auc(np.asarray(y) >= REFERABLE_GRADE, score)),
-            "patient_qwk": float(quadratic_weighted_kappa(table["true_grade"], table["predicted_grade"])),
-            "patient_referable_auc": float(roc_auc(table["true_referable"], table["referable_prob"]))}
+            "patient_qwk": float(quadratic_weighted_kappa(table[s.TRUE_GRADE], table[s.PREDICTED_GRADE])),
+            "patient_referable_auc": float(roc_auc(table["true_referable"], table[s.REFERABLE_PROB]))}
 
 
 def fusion_for(backend, *, split: str, tta: bool, batch_size: int, threads: int | None):
