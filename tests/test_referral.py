@@ -151,7 +151,7 @@ def test_the_checkpoint_freezes_temperature_and_threshold(trained_run):
 def test_evaluate_reports_the_frozen_point_and_ece(run_copy, tmp_path):
     g = Grader.from_dict(torch.load(run_copy / "best.pt", weights_only=True)["grader"])
     reports = {split: evaluate(run_copy, split=split, bootstrap=100, out=tmp_path / split).report
-               for split in ("test", "train")}
+               for split in ("test", "val")}
     for split, report in reports.items():
         op = report["operating_point"]
         assert op["threshold"] == g.threshold() and op["frozen"], split  # the same on every split
@@ -165,6 +165,11 @@ def test_evaluate_reports_the_frozen_point_and_ece(run_copy, tmp_path):
         cal = report["calibration"]
         assert cal["temperature"] == g.temperature
         assert cal["ece_after"] == pytest.approx(calibration.ece(probs, rows["true_grade"]), abs=1e-5)
+        if split == "val":  # the split it was frozen on: training's numbers come back, NLL went down
+            assert op["sensitivity"]["estimate"] == pytest.approx(g.referral["sensitivity"])
+            assert op["specificity"]["estimate"] == pytest.approx(g.referral["specificity"])
+            assert cal["nll_after"] <= cal["nll_before"]
+            assert cal["nll_after"] == pytest.approx(log_loss(rows["true_grade"], probs, labels=range(5)), abs=1e-4)
         patients = pd.read_csv(tmp_path / split / "patients.csv", dtype={"patient": str})
         by_patient = rows.assign(patient=rows["image"].str.split("_").str[0]).groupby("patient")["referable"]
         assert (patients.set_index("patient")["referable"] == by_patient.agg(
@@ -270,3 +275,19 @@ def test_report_draws_the_reliability_diagram(run_copy, tmp_path):
     png = tmp_path / "report" / f"{run_copy.name}-reliability.png"
     assert png in result.figures and png.stat().st_size > 10_000
     assert f"]({png.name})" in result.markdown.read_text()
+
+
+def test_onnx_metadata_carries_the_frozen_grader():
+    from retinocli.deploy.onnx_model import metadata_props, parse_metadata
+    from retinocli.imaging.preprocess import Preprocess
+
+    logits, y = overconfident(200)
+    names = [f"{i // 2}_{'left' if i % 2 else 'right'}" for i in range(200)]
+    g, _ = freeze_grader("classification", logits, y, names=names)
+    info = {"grade_names": ["a", "b", "c", "d", "e"], "preprocess": Preprocess(size=32).to_dict()}
+    back = parse_metadata(metadata_props({**info, "grader": g.to_dict()}), "m.onnx").grading
+    assert back == g and back.threshold(fused=True) == g.threshold(fused=True)
+    assert parse_metadata(metadata_props(info), "old.onnx").grading.is_default  # before #15: T 1, 0.5
+    bad = metadata_props({**info, "grader": {**g.to_dict(), "temperature": -1.0}})
+    with pytest.raises(RetinoError, match="retino.grader is not what export writes"):
+        parse_metadata(bad, "bad.onnx")
