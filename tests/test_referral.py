@@ -200,6 +200,14 @@ def test_evaluate_fuse_eyes_uses_the_stored_fusion(run_copy, tmp_path):
     np.testing.assert_allclose(b[cols].to_numpy(), want, atol=2e-6)
     assert fused.report["operating_point"]["threshold"] == g.threshold(fused=True)
 
+    # an older checkpoint without a stored fusion: fitted now on the run's val split, and said so
+    state = torch.load(run_copy / "best.pt", weights_only=True)
+    state["grader"]["fusion"] = None
+    torch.save(state, run_copy / "best.pt")
+    now = evaluate(run_copy, split="test", bootstrap=0, out=tmp_path / "now", fuse_eyes=True).report["fusion"]
+    assert now["source"] == "fitted now (not stored)" and "val split" in now["fitted_on"]
+    assert now["n"] == g.fusion["n"] and now["with_fellow"] == g.fusion["with_fellow"]  # the same images
+
 
 def test_predict_and_evaluate_refer_the_same_images(exported, tmp_path):
     data = Path(exported).parent  # the run folder; its split.csv names the test images
