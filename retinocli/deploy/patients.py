@@ -97,7 +97,7 @@ def write_patients(path: Path, rows: Sequence[dict[str, Any]], grader: Grader, n
     for c in (*cols, schema.PREDICTED_GRADE, schema.REFERABLE_PROB):
         frame[c] = pd.to_numeric(frame[c])
     if fuse_eyes and len(frame):
-        probs = fuse_probs(frame[schema.IMAGE].astype(str).tolist(), frame[cols].to_numpy(float), grader.fusion)
+        probs = fuse_probs(frame[schema.IMAGE].astype(str).tolist(), frame[cols].to_numpy(float), grader)
         frame[cols] = probs
         frame[schema.PREDICTED_GRADE] = probs.argmax(1)
         frame[schema.REFERABLE_PROB] = referable_score(probs)

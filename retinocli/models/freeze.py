@@ -10,7 +10,8 @@ validation outputs only:
    validation score so that float noise between training and deployment cannot flip the
    case that sits on it;
 3. where the validation image names give patients and eyes (``10_left``), the fellow-eye
-   fusion (:func:`retinocli.reporting.clinical.fit_fusion`) with its own frozen threshold.
+   fusion (:func:`retinocli.reporting.clinical.fit_fusion`, on the probabilities before the
+   temperature) with its own frozen threshold.
 
 ``evaluate`` and ``predict`` only apply what is stored: nothing is re-tuned on the split
 they score.
@@ -73,7 +74,9 @@ def fit_fellow_fusion(names: Sequence[str], y: np.ndarray, probs: np.ndarray,
                       target_sensitivity: float) -> dict[str, Any]:
     """The fellow-eye fusion fitted on validation, with its own frozen referral point.
 
-    The threshold is chosen on the fused validation probabilities, the same data the fusion
+    ``probs`` are the probabilities before the temperature: the fusion's logistic regression
+    calibrates its own output, and its L2 penalty would fight the large weights that
+    log-probabilities flattened by a large temperature need. The threshold is chosen on the fused validation probabilities, the same data the fusion
     was fitted on (in-sample, as the single-eye threshold is chosen on the data its
     temperature was fitted on).
 
@@ -108,6 +111,11 @@ def freeze_grader(head: str, raw: np.ndarray, y: np.ndarray, *, num_grades: int 
     """
     notes: list[str] = []
     grader = fit_grader(head, raw, y, num_grades, temperature=True)
+    from retinocli.reporting.calibration import T_RANGE
+
+    if grader.temperature >= T_RANGE[1] * (1 - 1e-3):
+        notes.append(f"the temperature reached its bound ({T_RANGE[1]:g}): the validation probabilities "
+                     "carry almost no information about the grade yet")
     probs = grader.probabilities(raw)
     try:
         grader = replace(grader, referral=fit_referral(probs, y, target_sensitivity))
@@ -115,7 +123,8 @@ def freeze_grader(head: str, raw: np.ndarray, y: np.ndarray, *, num_grades: int 
         notes.append(f"no referral threshold frozen: {exc}")
     if names is not None:
         try:
-            grader = replace(grader, fusion=fit_fellow_fusion(names, y, probs, target_sensitivity))
+            grader = replace(grader, fusion=fit_fellow_fusion(names, y, grader.uncalibrated(raw),
+                                                              target_sensitivity))
         except RetinoError as exc:
             notes.append(f"no fellow-eye fusion stored: {exc}")
     return grader, notes

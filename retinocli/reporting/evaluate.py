@@ -286,7 +286,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     if fusion is not None:  # fellows among the readable images of this split
         scored.probs = np.full_like(single, np.nan)
         scored.probs[ok] = referral.fuse_probs([n for n, g in zip(names, ok) if g], single[ok],
-                                               backend.grader.fusion)
+                                               backend.grader)
     probs, y = scored.probs[ok].astype(np.float64), grades[ok]
     probs /= probs.sum(1, keepdims=True)  # fp16 models: exact normalisation for the AUC ranks
     pred = _grades(backend.grader, scored.probs[ok], fused=fusion is not None)  # as predictions.csv does

@@ -95,9 +95,11 @@ def calibration_section(y: np.ndarray, probs: np.ndarray, grader: Grader) -> dic
             "reliability_after": reliability(after, y, ECE_BINS)}
 
 
-def fuse_probs(names: list[str], probs: np.ndarray, fusion: dict[str, Any]) -> np.ndarray:
-    """Probabilities after fellow-eye fusion (:func:`retinocli.reporting.clinical.fuse`).
+def fuse_probs(names: list[str], probs: np.ndarray, grader: Grader) -> np.ndarray:
+    """Probabilities after the grader's fellow-eye fusion (:func:`retinocli.reporting.clinical.fuse`).
 
+    ``probs`` are the model's (calibrated) probabilities; the fusion takes them before the
+    temperature, as it was fitted (:func:`retinocli.models.freeze.fit_fellow_fusion`).
     Fellows are looked up among ``names`` themselves (``10_left`` with ``10_right``); an
     image without one is fused with ``has_fellow`` 0, as in fitting.
     """
@@ -105,10 +107,10 @@ def fuse_probs(names: list[str], probs: np.ndarray, fusion: dict[str, Any]) -> n
     from retinocli.models.freeze import predictions_frame
     from retinocli.reporting import clinical
 
-    frame = predictions_frame(names, None, probs)
+    frame = predictions_frame(names, None, grader.uncalibrate(probs))
     fellow, has = clinical.fellow_probs(frame)
     cols = [prob_column(j) for j in range(probs.shape[1])]
-    return clinical.fuse(frame[cols].to_numpy(float), fellow, has, fusion)
+    return clinical.fuse(frame[cols].to_numpy(float), fellow, has, grader.fusion)
 
 
 def referral_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -213,7 +215,8 @@ def fusion_for(backend, *, split: str, tta: bool, batch_size: int, threads: int 
     scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads)
     ok = ~np.isnan(scored.probs).any(axis=1)
     target = (grader.referral or {}).get("target_sensitivity", 0.87)
-    model = fit_fellow_fusion([n for n, g in zip(names, ok) if g], grades[ok], scored.probs[ok], target)
+    model = fit_fellow_fusion([n for n, g in zip(names, ok) if g], grades[ok],
+                              grader.uncalibrate(scored.probs[ok]), target)
     return replace(grader, fusion=model), {
         "source": "fitted now (not stored)", "fitted_on": f"the run's val split ({source})",
         "n": model["n"], "with_fellow": model["with_fellow"]}

@@ -333,10 +333,11 @@ def _render_clinical(report: dict, console: Console) -> None:
 
     if report.get("operating_point"):
         console.print(rc.operating_table(report))
+        console.print(rc.operating_line(report["operating_point"]), soft_wrap=True, highlight=False)
     if report.get("calibration"):
-        console.print(rc.calibration_line(report["calibration"]), highlight=False)
+        console.print(rc.calibration_line(report["calibration"]), soft_wrap=True, highlight=False)
     if report.get("fusion"):
-        console.print(rc.fusion_line(report["fusion"]), highlight=False)
+        console.print(rc.fusion_line(report["fusion"]), soft_wrap=True, highlight=False)
 
 
 def render_export(result, console: Console) -> None:
@@ -403,7 +404,7 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
     from retinocli.reporting.render_clinical import predict_referral_lines
 
     for text in predict_referral_lines(summary):
-        console.print(text, highlight=False)
+        console.print(text, soft_wrap=True, highlight=False)
     line = f"{summary.total:,} images: {graded:,} graded, {summary.errors:,} unreadable"
     console.print(line + (' (status "error" in the output)' if summary.errors else ""))
     for path, reason in summary.error_examples:

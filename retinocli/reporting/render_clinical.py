@@ -9,7 +9,7 @@ from rich.table import Table
 
 from retinocli.reporting.render import _interval, _num, _pct
 
-__all__ = ["calibration_line", "fusion_line", "operating_table", "predict_referral_lines"]
+__all__ = ["calibration_line", "fusion_line", "operating_line", "operating_table", "predict_referral_lines"]
 
 
 def _point_rows(t: Table, op: dict[str, Any], prefix: str = "") -> None:
@@ -23,15 +23,8 @@ def _point_rows(t: Table, op: dict[str, Any], prefix: str = "") -> None:
 def operating_table(report: dict[str, Any]) -> Table:
     """Sensitivity and specificity at the frozen threshold (never re-tuned), beside the AUC."""
     op = report["operating_point"]
-    fused = " after fellow-eye fusion" if op["fused"] else ""
-    if op["frozen"]:
-        val = op["validation"] or {}
-        how = (f"frozen on validation for sensitivity >= {op['target_sensitivity']:.2f} "
-               f"(val: {_pct(val.get('sensitivity'))} / {_pct(val.get('specificity'))})")
-    else:
-        how = "not frozen: a model from before issue #15, default 0.5; retrain to freeze one"
-    t = Table(title=f"referral at P(grade >= 2) >= {op['threshold']:.3f}{fused}, {how}",
-              title_justify="left")
+    fused = ", eyes fused" if op["fused"] else ""
+    t = Table(title=f"referral at P(grade >= 2) >= {op['threshold']:.3f}{fused}", title_justify="left")
     for col in ("metric", "value", "95% interval"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     _point_rows(t, op)
@@ -43,6 +36,16 @@ def operating_table(report: dict[str, Any]) -> Table:
                  f"fp {op['fp']}, tn {op['tn']})")
     t.caption_justify = "left"
     return t
+
+
+def operating_line(op: dict[str, Any]) -> str:
+    """Where the threshold came from: frozen on validation (never re-tuned), or the default."""
+    if not op["frozen"]:
+        return "referral threshold not frozen: a model from before issue #15, default 0.5; retrain to freeze one"
+    val = op["validation"] or {}
+    return (f"referral threshold {op['threshold']:.3f} frozen on validation for sensitivity >= "
+            f"{op['target_sensitivity']:.2f} (val: sensitivity {_pct(val.get('sensitivity'))}, specificity "
+            f"{_pct(val.get('specificity'))}); applied here, never re-tuned")
 
 
 def calibration_line(cal: dict[str, Any]) -> str:
