@@ -333,7 +333,7 @@ def _render_clinical(report: dict, console: Console) -> None:
 
     if report.get("operating_point"):
         console.print(rc.operating_table(report))
-        console.print(rc.operating_line(report["operating_point"]), soft_wrap=True, highlight=False)
+        console.print(rc.operating_line(report), soft_wrap=True, highlight=False)
     if report.get("calibration"):
         console.print(rc.calibration_line(report["calibration"]), soft_wrap=True, highlight=False)
     if report.get("fusion"):

@@ -31,21 +31,23 @@ def operating_table(report: dict[str, Any]) -> Table:
     patient_op = (report.get("patients") or {}).get("operating_point")
     if patient_op:
         _point_rows(t, patient_op, "patients: ")
-    t.caption = (f"{report['split']} split: referred {op['tp'] + op['fp']:,} of "
-                 f"{op['tp'] + op['fp'] + op['tn'] + op['fn']:,} images (tp {op['tp']}, fn {op['fn']}, "
-                 f"fp {op['fp']}, tn {op['tn']})")
-    t.caption_justify = "left"
     return t
 
 
-def operating_line(op: dict[str, Any]) -> str:
-    """Where the threshold came from: frozen on validation (never re-tuned), or the default."""
+def operating_line(report: dict[str, Any]) -> str:
+    """Where the threshold came from (frozen on validation, never re-tuned; or the default)
+    and what it referred on the split evaluated."""
+    op = report["operating_point"]
+    counts = (f"; on the {report['split']} split it referred {op['tp'] + op['fp']:,} of "
+              f"{op['tp'] + op['fp'] + op['tn'] + op['fn']:,} images (tp {op['tp']}, fn {op['fn']}, "
+              f"fp {op['fp']}, tn {op['tn']})")
     if not op["frozen"]:
-        return "referral threshold not frozen: a model from before issue #15, default 0.5; retrain to freeze one"
+        return ("referral threshold not frozen: a model from before issue #15, default 0.5; retrain to "
+                "freeze one" + counts)
     val = op["validation"] or {}
     return (f"referral threshold {op['threshold']:.3f} frozen on validation for sensitivity >= "
             f"{op['target_sensitivity']:.2f} (val: sensitivity {_pct(val.get('sensitivity'))}, specificity "
-            f"{_pct(val.get('specificity'))}); applied here, never re-tuned")
+            f"{_pct(val.get('specificity'))}), never re-tuned" + counts)
 
 
 def calibration_line(cal: dict[str, Any]) -> str:
