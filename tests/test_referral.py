@@ -180,7 +180,8 @@ def test_evaluate_reports_the_frozen_point_and_ece(run_copy, tmp_path):
 def test_cli_evaluate_shows_operating_point_and_calibration(run_copy):
     result = runner.invoke(app, ["evaluate", str(run_copy), "--bootstrap", "50"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for text in ("referral at P(grade >= 2) >=", "frozen on validation for sensitivity >= 0.87",
+    for text in ("frozen referral: P(grade >= 2) >=", "frozen on validation for sensitivity >= 0.87",
+                 "before temperature", "after temperature",
                  "never re-tuned",
                  "expected calibration error", "patients: referable sensitivity"):
         assert text in result.stdout, text

@@ -24,13 +24,18 @@ def operating_table(report: dict[str, Any]) -> Table:
     """Sensitivity and specificity at the frozen threshold (never re-tuned), beside the AUC."""
     op = report["operating_point"]
     fused = ", eyes fused" if op["fused"] else ""
-    t = Table(title=f"referral at P(grade >= 2) >= {op['threshold']:.3f}{fused}", title_justify="left")
+    cal = report.get("calibration")
+    temp = f", T = {cal['temperature']:.2f}" if cal else ""
+    t = Table(title=f"frozen referral: P(grade >= 2) >= {op['threshold']:.3f}{temp}{fused}", title_justify="left")
     for col in ("metric", "value", "95% interval"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     _point_rows(t, op)
     patient_op = (report.get("patients") or {}).get("operating_point")
     if patient_op:
         _point_rows(t, patient_op, "patients: ")
+    if cal:
+        t.add_row("ECE before temperature", _num(cal["ece_before"]), "")
+        t.add_row("ECE after temperature", _num(cal["ece_after"]), "")
     return t
 
 
@@ -54,8 +59,8 @@ def calibration_line(cal: dict[str, Any]) -> str:
     """``calibration: temperature 1.37 (fitted on validation); ECE 0.112 -> 0.041 ...``"""
     how = "fitted on validation" if cal["fitted"] else "none stored: T = 1"
     return (f"calibration: temperature {cal['temperature']:.3f} ({how}); expected calibration error "
-            f"{_num(cal['ece_before'])} before, {_num(cal['ece_after'])} after ({cal['n_bins']} bins); "
-            f"NLL {_num(cal['nll_before'])} -> {_num(cal['nll_after'])}")
+            f"{_num(cal['ece_before'])} -> {_num(cal['ece_after'])}; NLL {_num(cal['nll_before'])} -> "
+            f"{_num(cal['nll_after'])}")
 
 
 def fusion_line(fusion: dict[str, Any]) -> str:
