@@ -159,18 +159,17 @@ def add_sections(report: dict[str, Any], frame: pd.DataFrame, grader: Grader, *,
             table[s.REFERABLE_PROB].to_numpy(float), grader, **common)
     report["calibration"] = calibration_section(y, single, grader)
     if fused:
-        report["fusion"] = {**{k: v for k, v in fusion.items()},
+        report["fusion"] = {**fusion,
                             "single": headline(frame[s.IMAGE].tolist(), y, single, grader.grades(single)),
                             "fused": headline(frame[s.IMAGE].tolist(), y, probs, pred)}
 
 
 def headline(names: list[str], y: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """QWK and referable ROC AUC per image and per patient (worse eye): what fusion is judged on."""
+    from retinocli.deploy import schema as s
     from retinocli.models.freeze import predictions_frame
     from retinocli.reporting import clinical
     from retinocli.reporting.metrics import REFERABLE_GRADE, quadratic_weighted_kappa, roc_auc
-
-    from retinocli.deploy import schema as s
 
     frame = predictions_frame(names, y, probs).assign(**{s.PREDICTED_GRADE: np.asarray(pred, np.int64)})
     table = clinical.patient_table(frame)
