@@ -134,8 +134,8 @@ def test_report_refuses_predict_output(written, tmp_path):
     old = ["image", "path", "grade", "predicted", "confidence", *(f"prob_{g}" for g in range(5)),
            "referable_prob", "status", "error"]
     (run / "predictions.csv").write_text(",".join(old) + "\nte0,/data/te0.jpeg,0,0,0.9,0.9,0.1,0,0,0,0,ok,\n")
-    with pytest.raises(RetinoError, match=r"\(missing true_grade, predicted_grade, grade_name; unexpected grade, "
-                                          r"predicted\): an older retino wrote it"):
+    with pytest.raises(RetinoError, match=r"\(missing true_grade, predicted_grade, grade_name, referable; "
+                                          r"unexpected grade, predicted\): an older retino wrote it"):
         load_run(run)
 
 
