@@ -72,6 +72,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of the weights' moving average; 0: off
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0: off
+    target_sensitivity: float = 0.87  # issue #15: the referral threshold frozen on validation reaches it
     project: str = "runs"
     name: str = "train"
 
@@ -110,6 +111,8 @@ class TrainConfig:
         for key in ("mixup", "cutmix"):
             if getattr(self, key) < 0:
                 raise RetinoError(f"--{key} must be 0 (off) or a positive Beta alpha; got {getattr(self, key)}")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise RetinoError(f"--target-sensitivity must be in (0, 1]; got {self.target_sensitivity}")
         if self.head != "classification" and self.label_smoothing:
             raise RetinoError(f"--label-smoothing applies to the classification head only, not --head {self.head}")
         if self.weights is not None:

@@ -133,6 +133,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("seeds-with-resume", ["--seeds", "0,1", "--resume", "{run}"], "--resume and --seeds cannot be used together"),
         ("seeds-not-integers", ["--seeds", "0,x"], "--seeds takes seeds (integers >= 0) separated by commas"),
         ("seeds-repeated", ["--seeds", "1,2,1"], "--seeds repeats a seed: 1,2,1"),
+        ("target-sensitivity-zero", ["--target-sensitivity", "0"], "--target-sensitivity must be in (0, 1]; got 0.0"),
     ],
     "evaluate": [
         ("batch-size-zero", ["{run}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
@@ -162,6 +163,8 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("onnx-size-unlike-its-graph", ["{models}/size-mismatch.onnx"], "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["{models}/three-grades.onnx"],
          "output 'logits' has 5 values, but its metadata asks for 3"),
+        ("fuse-eyes-on-the-val-split", ["{run}", "--fuse-eyes", "--split", "val"],
+         "the fellow-eye fusion is fitted on the validation split"),
     ],
     "export": [
         ("opset-16", ["{run}", "--opset", "16"], "--opset must be >= 17, got 16"),
@@ -216,6 +219,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "but its metadata asks for [batch, 3, 64, 64]"),
         ("onnx-3-grade-names-5-outputs", ["--model", "{models}/three-grades.onnx"],
          "output 'logits' has 5 values, but its metadata asks for 3"),
+        ("fuse-eyes-model-without-fusion", ["--fuse-eyes"], "--fuse-eyes: this model stores no fellow-eye fusion"),
     ],
 }
 

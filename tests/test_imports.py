@@ -17,7 +17,9 @@ TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.co
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
               "retinocli.reporting.metrics", "retinocli.reporting.clinical",
               "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints",
-              "retinocli.reporting.study", "retinocli.engine.seeds")
+              "retinocli.reporting.study", "retinocli.engine.seeds",
+              "retinocli.models.freeze", "retinocli.reporting.referral", "retinocli.reporting.render_clinical",
+              "retinocli.reporting.figures_calibration")
 TORCH_ALLOWED = ("retinocli.deploy.export",)  # torch -> ONNX needs torch
 
 

@@ -58,7 +58,7 @@ def rows_of(path: Path) -> list[dict[str, str]]:
 def test_the_columns_are_the_documented_schema():
     probs = tuple(f"prob_{g}" for g in range(5))
     assert schema.EVALUATE_COLUMNS == ("image", "path", "true_grade", "predicted_grade", "grade_name",
-                                       "confidence", *probs, "referable_prob", "status", "error")
+                                       "confidence", *probs, "referable_prob", "referable", "status", "error")
     assert schema.PREDICT_COLUMNS == tuple(c for c in schema.EVALUATE_COLUMNS if c != "true_grade")
     assert schema.columns(3, labelled=False)[5:9] == ("prob_0", "prob_1", "prob_2", "referable_prob")
     readme = (ROOT / "README.md").read_text()
@@ -134,8 +134,8 @@ def test_report_refuses_predict_output(written, tmp_path):
     old = ["image", "path", "grade", "predicted", "confidence", *(f"prob_{g}" for g in range(5)),
            "referable_prob", "status", "error"]
     (run / "predictions.csv").write_text(",".join(old) + "\nte0,/data/te0.jpeg,0,0,0.9,0.9,0.1,0,0,0,0,ok,\n")
-    with pytest.raises(RetinoError, match=r"\(missing true_grade, predicted_grade, grade_name; unexpected grade, "
-                                          r"predicted\): an older retino wrote it"):
+    with pytest.raises(RetinoError, match=r"\(missing true_grade, predicted_grade, grade_name, referable; "
+                                          r"unexpected grade, predicted\): an older retino wrote it"):
         load_run(run)
 
 

@@ -273,6 +273,8 @@ def train(
                                             "for validation, best.pt and export (0: off; e.g. 0.999).")] = 0.0,
     mixup: Annotated[float, typer.Option(help="Mixup Beta alpha (0: off; e.g. 0.2).")] = 0.0,
     cutmix: Annotated[float, typer.Option(help="CutMix Beta alpha (0: off; e.g. 1.0).")] = 0.0,
+    target_sensitivity: Annotated[float, typer.Option(help="Referable-DR sensitivity the referral threshold is "
+                                                           "frozen for on validation.")] = 0.87,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of train options (keys as option "
                                                         "names); options given here override it.")] = None,
     project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
@@ -398,6 +400,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap: the same seed gives the same intervals.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace metrics.json/predictions.csv/patients.csv.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    fuse_eyes: Annotated[bool, typer.Option("--fuse-eyes", help="Refine each eye with its fellow eye (fusion "
+                                                                "fitted on the run's validation split).")] = False,
 ) -> None:
     """Score a model on a labelled split: confusion table, per-grade and clinical metrics with 95% intervals,
     AUCs, and a patient-level section where image names carry patients (10_left)."""
@@ -410,7 +414,7 @@ def evaluate(
             result = run_evaluation(model, data=data, split=split, layout=layout, images=images, tta=tta,
                                     out=out, force=force, batch_size=batch_size, threads=threads,
                                     device=device, provider=provider, bootstrap=bootstrap, seed=seed,
-                                    events=events)
+                                    fuse_eyes=fuse_eyes, events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -515,6 +519,10 @@ def predict(
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 if any image failed.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON lines (the CSV's columns as keys) instead of "
                                                           "CSV.")] = False,
+    patients: Annotated[Optional[Path], typer.Option(help="Per-patient file (default: patients.csv beside the "
+                                                          "output when names give eyes, e.g. 10_left).")] = None,
+    fuse_eyes: Annotated[bool, typer.Option("--fuse-eyes", help="Refine each eye with its fellow eye (the "
+                                                                "model's stored fusion) in the patients file.")] = False,
 ) -> None:
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
     from retinocli.reporting import render as display
@@ -540,7 +548,8 @@ def predict(
             shown.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         with display.progress_bar(shown, "img") as bar:
             summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
-                                     resume=resume, force=force, json_lines=json_out, progress=bar)
+                                     resume=resume, force=force, json_lines=json_out, progress=bar,
+                                     patients=patients, fuse_eyes=fuse_eyes)
     display.render_predict_summary(summary, list(grader.info.grade_names), shown)
     if strict and summary.errors:
         raise typer.Exit(1)

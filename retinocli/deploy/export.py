@@ -213,8 +213,10 @@ def _set_metadata(proto, state: dict, ckpt: Path, precision: str) -> None:
         "run": ckpt.absolute().parent.name, "checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt),
         "epoch": state.get("epoch"),
         "metrics": {"val": scalars}, "precision": precision, "version": __version__,
-        **({"grader": state["grader"]} if (state.get("grader") or {}).get("head", "classification")
-           != "classification" else {}),
+        # absent for a plain softmax classifier with nothing fitted, as every export before #14
+        **({"grader": state["grader"]} if not Grader.from_dict(
+            {"num_grades": len(state.get("class_names") or []) or 5, **(state.get("grader") or {})}).is_default
+           else {}),
     })
     proto.producer_name, proto.producer_version = "retino", __version__
     proto.doc_string = f"retino diabetic-retinopathy grader ({cfg.get('arch')}, {precision})"

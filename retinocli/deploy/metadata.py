@@ -10,7 +10,9 @@ The contract with export.py, all in one place:
     outputs  ``logits`` and ``probs``: [batch, number of grades] (classification head); other
              heads (``retino.grader``: regression, ordinal) output only ``logits``, the raw
              head [batch, 1 or K-1], and `retinocli.models.grading` turns it into probabilities and
-             grades with the cut points stored in ``retino.grader``
+             grades with the cut points stored in ``retino.grader``; the temperature, frozen referral
+             threshold and fellow-eye fusion stored there (issue #15) apply to every head,
+             the classification head's graph ``probs`` included
     metadata string key/values, all under ``retino.``; `metadata_props` writes them and
              `parse_metadata` reads them back, as data only (json.loads, never eval)
 """
@@ -265,7 +267,7 @@ def _grader_value(ours: dict[str, str], name: str) -> dict[str, Any]:
         Grader.from_dict(value).cuts  # noqa: B018 - parses head, cut points and scale
         if not isinstance(value, dict) or value.get("head", "classification") not in HEADS:
             raise ValueError(value)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, KeyError):
         raise RetinoError(f"{name}: {META_PREFIX}grader is not what export writes: {ours['grader']!r}") from None
     return value
 

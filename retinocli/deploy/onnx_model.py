@@ -156,6 +156,7 @@ class OnnxGrader:
         try:
             if grading.head == "classification":
                 logits, probs = self.session.run(list(OUTPUT_NAMES), feed)
+                probs = grading.calibrate(probs)  # the stored temperature (identity at T = 1)
             else:
                 (logits,) = self.session.run(["logits"], feed)
                 probs = grading.probabilities(logits)

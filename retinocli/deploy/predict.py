@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from retinocli.deploy import schema
+from retinocli.deploy.patients import patients_target, read_output, write_patients
 from retinocli.errors import RetinoError
 from retinocli.data.files import IMAGE_EXTENSIONS
 from retinocli.machine import decode_threads
@@ -219,6 +220,7 @@ class _Earlier:
 
     graded: dict[str, int | None] = field(default_factory=dict)
     retry: set[str] = field(default_factory=set)
+    referred: set[str] = field(default_factory=set)  # graded paths whose referable is yes
 
 
 def _read_earlier(out: Path, fieldnames: Sequence[str], json_lines: bool) -> _Earlier:
@@ -282,6 +284,8 @@ def _read_earlier(out: Path, fieldnames: Sequence[str], json_lines: bool) -> _Ea
             grade = row[schema.PREDICTED_GRADE]
             earlier.graded[row[schema.PATH]] = int(grade) if grade not in ("", None) else None
             earlier.retry.discard(row[schema.PATH])
+            if row[schema.REFERABLE] == schema.YES:
+                earlier.referred.add(row[schema.PATH])
             kept.append(row)
         else:
             earlier.retry.add(row[schema.PATH])
@@ -327,6 +331,12 @@ class PredictSummary:
         errors: images that could not be read.
         counts: ``graded`` per predicted grade.
         referable: images predicted grade >= 2 (referable DR).
+        referred: images whose ``referable`` is yes (at the model's frozen threshold).
+        threshold: that threshold on P(grade >= 2); frozen: whether training froze it
+            (False: the 0.5 of a model exported before issue #15).
+        patients: the per-patient file's path, patient count, referable patients and
+            whether eyes were fused (:func:`retinocli.deploy.patients.write_patients`);
+            None when none was written.
         done_now: images this run read (graded or found unreadable).
         kept: graded rows kept from an earlier run (``--resume``).
         retried: images unreadable in the earlier run and read again now (in ``done_now``).
@@ -353,6 +363,10 @@ class PredictSummary:
     images_per_second: float | None
     notes: list[str] = field(default_factory=list)
     error_examples: list[tuple[str, str]] = field(default_factory=list)
+    referred: int = 0
+    threshold: float = 0.5
+    frozen: bool = False
+    patients: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -391,7 +405,8 @@ def _image_name(path: Path, root: Path) -> str:
 
 def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | TextIO, batch_size: int = 32,
                    threads: int | None = None, resume: bool = False, force: bool = False,
-                   json_lines: bool = False, progress: Progress | None = None) -> PredictSummary:
+                   json_lines: bool = False, progress: Progress | None = None,
+                   patients: str | Path | None = None, fuse_eyes: bool = False) -> PredictSummary:
     """Grade every image under ``folder`` and write one row per image to ``out``.
 
     Rows (:func:`retinocli.deploy.schema.columns`, unlabelled) are written in image order and
@@ -409,6 +424,9 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
         force: overwrite an existing ``out``.
         json_lines: write one JSON object per line (the same keys) instead of CSV.
         progress: a rich Progress (``display.progress_bar``) to advance per batch.
+        patients: the per-patient file (default: patients.csv beside a file ``out`` when
+            the names give patients and eyes; :mod:`retinocli.deploy.patients`).
+        fuse_eyes: fuse each eye with its fellow in the per-patient file.
 
     Raises:
         RetinoError: no images, ``out`` exists without resume or force, or it cannot be
@@ -428,6 +446,11 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     k = len(names)
     fieldnames = schema.columns(k, labelled=False)
     notes: list[str] = []  # the model's own notes (provider fallback) stay in model.notes
+    grading = model.info.grading
+    patients_path, note = patients_target(out, patients, [_image_name(p, root) for p in images], grading,
+                                          force=force, resume=resume, fuse_eyes=fuse_eyes)
+    notes += [note] if note else []
+    streamed: list[dict[str, Any]] = []  # a stream's rows, for the per-patient file
 
     earlier = _Earlier()
     if resume and path is not None and path.exists():
@@ -455,7 +478,6 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
         for batch in decode_batches(todo, model.info.preprocess, batch_size=batch_size,
                                     threads=threads):
             probs = iter(model.predict(batch.images))
-            grading = model.info.grading
             reasons = {str(p): reason for p, reason in batch.errors}
             rows = []
             for image in batch.paths:
@@ -463,10 +485,13 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
                 p = None if key in reasons else next(probs)
                 row = schema.make_row(_image_name(image, root), key, p, names, labelled=False,
                                       error=reasons.get(key, ""),
-                                      grade=None if p is None else int(grading.grades(p[None])[0]))
+                                      grade=None if p is None else int(grading.grades(p[None])[0]),
+                                      referable=None if p is None else bool(grading.referable(p[None])[0]))
                 rows.append(row)
-                results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR])
+                results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR], row[schema.REFERABLE])
             writer.write(rows)
+            if stream is not None and patients_path is not None:
+                streamed += rows
             bad_now += len(batch.errors)
             if progress is not None:
                 progress.update(task, advance=len(batch.paths),
@@ -475,8 +500,11 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
 
     counts = [0] * k
     errors, examples = 0, []
+    referred = 0
     for key in keys:
-        grade, reason = results[key] if key in results else (earlier.graded[key], "")
+        grade, reason, refer = results[key] if key in results else (
+            earlier.graded[key], "", schema.YES if key in earlier.referred else schema.NO)
+        referred += refer == schema.YES
         if grade is not None and 0 <= grade < k:
             counts[grade] += 1
         else:
@@ -490,4 +518,8 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
         referable=sum(counts[REFERABLE_GRADE:]), done_now=len(todo), kept=len(images) - len(todo),
         retried=retried, provider=model.provider, seconds=seconds,
         images_per_second=len(todo) / seconds if timed else None, notes=notes, error_examples=examples,
+        referred=referred, threshold=grading.threshold(), frozen=grading.frozen,
+        patients=None if patients_path is None else write_patients(  # from the complete output
+            patients_path, streamed if stream is not None else read_output(path, json_lines), grading, k,
+            fuse_eyes=fuse_eyes),
     )

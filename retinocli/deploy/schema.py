@@ -14,6 +14,8 @@ Columns, in order::
     confidence       the probability of predicted_grade
     prob_0..prob_K-1 one probability per grade of the model
     referable_prob   probability of referable DR (grade >= 2), the sum of those grades'
+    referable       yes or no: referable_prob at or over the model's referral threshold,
+                     frozen on validation at training (issue #15; 0.5 for older models)
     status           ok or error
     error            why an unreadable image could not be read; empty when ok
 
@@ -46,6 +48,8 @@ PREDICTED_GRADE = "predicted_grade"
 GRADE_NAME = "grade_name"
 CONFIDENCE = "confidence"
 REFERABLE_PROB = "referable_prob"
+REFERABLE = "referable"
+YES, NO = "yes", "no"  # the values of REFERABLE
 STATUS = "status"
 ERROR = "error"
 OK, FAILED = "ok", "error"  # the values of STATUS
@@ -59,7 +63,13 @@ def prob_column(grade: int) -> str:
 def columns(num_grades: int = NUM_GRADES, *, labelled: bool) -> tuple[str, ...]:
     """The columns of a predictions file, in order; ``labelled`` adds ``true_grade`` (evaluate)."""
     return (IMAGE, PATH, *((TRUE_GRADE,) if labelled else ()), PREDICTED_GRADE, GRADE_NAME, CONFIDENCE,
-            *(prob_column(g) for g in range(num_grades)), REFERABLE_PROB, STATUS, ERROR)
+            *(prob_column(g) for g in range(num_grades)), REFERABLE_PROB, REFERABLE, STATUS, ERROR)
+
+
+def older_columns(num_grades: int = NUM_GRADES, *, labelled: bool) -> tuple[str, ...]:
+    """The columns files had before ``referable`` (retino before issue #15): still read by
+    ``report`` and the gallery, never written, never resumed."""
+    return tuple(c for c in columns(num_grades, labelled=labelled) if c != REFERABLE)
 
 
 EVALUATE_COLUMNS: tuple[str, ...] = columns(labelled=True)
@@ -77,12 +87,13 @@ def number(x: float) -> float:
 
 def make_row(image: str, path: str, probs: Sequence[float] | None, grade_names: Sequence[str], *,
              labelled: bool, true_grade: int | None = None, error: str = "",
-             grade: int | None = None) -> dict[str, Any]:
+             grade: int | None = None, referable: bool | None = None) -> dict[str, Any]:
     """One row: ``probs`` for a readable image, None (and the ``error``) for an unreadable one.
 
     Values are typed (int, float, str, None); a CSV writer writes None as an empty cell, JSON
     lines as null. ``grade``: the model's grade when its head does not grade by argmax
-    (ordinal cut points, retinocli.models.grading); None: the argmax.
+    (ordinal cut points, retinocli.models.grading); None: the argmax. ``referable``: the
+    model's referral at its frozen threshold (``Grader.referable``); None: referable_prob >= 0.5.
     """
     row: dict[str, Any] = dict.fromkeys(columns(len(grade_names), labelled=labelled))
     row.update({IMAGE: image, PATH: path})
@@ -97,7 +108,9 @@ def make_row(image: str, path: str, probs: Sequence[float] | None, grade_names: 
     grade = int(np.argmax(probs)) if grade is None else int(grade)
     row.update({PREDICTED_GRADE: grade, GRADE_NAME: grade_names[grade], CONFIDENCE: values[grade]})
     row.update({prob_column(g): v for g, v in enumerate(values)})
-    row.update({REFERABLE_PROB: number(math.fsum(probs[REFERABLE_GRADE:])), STATUS: OK, ERROR: ""})
+    score = math.fsum(probs[REFERABLE_GRADE:])
+    refer = score >= 0.5 if referable is None else bool(referable)
+    row.update({REFERABLE_PROB: number(score), REFERABLE: YES if refer else NO, STATUS: OK, ERROR: ""})
     return row
 
 
@@ -165,8 +178,9 @@ def refusal(path: str | Path, found: Sequence[str], expected: Sequence[str], *, 
 
 
 def check_header(path: str | Path, expected: Sequence[str], *, what: str = "a retino predictions file",
-                 remedy: str = "") -> None:
-    """Refuse ``path`` unless its header (CSV) or first row's keys (JSON lines) are ``expected``.
+                 remedy: str = "", also: Sequence[Sequence[str]] = ()) -> None:
+    """Refuse ``path`` unless its header (CSV) or first row's keys (JSON lines) are ``expected``
+    (or one of the older layouts in ``also``, e.g. :func:`older_columns`).
 
     Raises:
         RetinoError: one line naming the file, what is missing and what is unexpected, and
@@ -182,7 +196,7 @@ def check_header(path: str | Path, expected: Sequence[str], *, what: str = "a re
     if found is None:
         raise RetinoError(f"{path} is not {what}: it has no header line")
     reason = refusal(path, found, expected, what=what, remedy=remedy)
-    if reason:
+    if reason and not any(list(found) == list(old) for old in also):
         raise RetinoError(reason)
 
 
@@ -201,12 +215,12 @@ def header_of(first_line: str) -> list[str] | None:
 
 
 def read_rows(path: str | Path, expected: Sequence[str], *, what: str = "a retino predictions file",
-              remedy: str = "") -> list[dict[str, str]]:
+              remedy: str = "", also: Sequence[Sequence[str]] = ()) -> list[dict[str, str]]:
     """The rows of a predictions CSV, after :func:`check_header`; values are the cells' text."""
-    check_header(path, expected, what=what, remedy=remedy)
+    check_header(path, expected, what=what, remedy=remedy, also=also)
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         rows = list(csv.DictReader(fh))
     for n, row in enumerate(rows, 2):
         if None in row or any(v is None for v in row.values()):
-            raise RetinoError(f"{path}: row {n} does not have {len(expected)} cells")
+            raise RetinoError(f"{path}: row {n} does not have {len(row)} cells")
     return rows

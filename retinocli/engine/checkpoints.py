@@ -6,8 +6,10 @@ A run keeps two, with different jobs:
              epochs), ``config`` (TrainConfig as a dict), ``class_names``, ``preprocess``
              (Preprocess as a dict), ``small_stem``, ``metrics`` (validation metrics of that
              epoch), ``versions``, ``schema`` (SCHEMA_VERSION; files without it are version 1),
-             ``grader`` (retinocli.models.grading.Grader as a dict: head, cut points; absent in
-             older runs: softmax). With --ema, ``model`` is the averaged weights. What evaluate
+             ``grader`` (retinocli.models.grading.Grader as a dict: head, cut points; from
+             version 4 also the temperature, the frozen referral point and the fellow-eye
+             fusion, all fitted on validation; absent in older runs: softmax, T = 1,
+             threshold 0.5 not frozen). With --ema, ``model`` is the averaged weights. What evaluate
              and export read; a third of last.pt's bytes
              with AdamW, which keeps two moments per weight.
     last.pt  the training state to resume (``MODEL_KEYS`` + ``RESUME_KEYS``): also
@@ -30,7 +32,7 @@ from retinocli.errors import RetinoError, atomic_write, first_line
 from retinocli.rundir import RunDir
 
 #: The version of the layout below; a change to the keys or their meaning bumps it.
-SCHEMA_VERSION = 3  # 3: grader, ema
+SCHEMA_VERSION = 4  # 3: grader, ema; 4: grader["temperature", "referral", "fusion"]
 MODEL_KEYS = ("model", "epoch", "config", "class_names", "preprocess", "small_stem", "metrics", "versions",
               "schema", "grader")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "best_metrics", "best_epoch", "history", "ema")

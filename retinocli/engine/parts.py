@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,6 +103,7 @@ class Data:
     prep: Preprocess
     train_grades: list[int]
     val_grades: list[int]
+    val_names: np.ndarray  # image names in val_loader's order (not shuffled): patients for fusion
     train_set: FundusDataset
     val_set: FundusDataset
     train_sampler: EpochSampler
@@ -123,6 +125,7 @@ def build_data(cfg: TrainConfig, place: Placement) -> Data:
     val_rec = records[records["split"] == "val"]
     train_grades = train_rec["grade"].astype(int).tolist()
     val_grades = val_rec["grade"].astype(int).tolist()
+    val_names = val_rec["image"].astype(str).to_numpy()
     on_device = cfg.augment_on == "device"
     train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=place.rank) if on_device else None
@@ -144,7 +147,7 @@ def build_data(cfg: TrainConfig, place: Placement) -> Data:
                           "--val-fraction, e.g. 0.2, or give the dataset a val split")
     dropped = len(train_sampler) % cfg.batch_size if drop_last else 0
     notes += squashed_note(train_rec["path"].tolist(), cfg) if place.is_main else []
-    return Data(ds=ds, records=records, notes=notes, prep=prep, train_grades=train_grades, val_grades=val_grades,
+    return Data(ds=ds, records=records, notes=notes, prep=prep, train_grades=train_grades, val_grades=val_grades, val_names=val_names,
                 train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
                 val_loader=val_loader, batch_augment=batch_augment, workers=workers, dropped=dropped)
 

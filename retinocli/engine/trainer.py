@@ -29,7 +29,8 @@ from retinocli.engine.parts import Data, Parts, build_data, build_parts, restore
 from retinocli.engine.placement import Placement, versions
 from retinocli.errors import RetinoError
 from retinocli.events import Emitter, EventsLike, emitter
-from retinocli.models.grading import Grader, fit_grader
+from retinocli.models.freeze import freeze_grader
+from retinocli.models.grading import Grader
 from retinocli.models.heads import rough_grades
 from retinocli.models.registry import freeze_backbone, set_train_mode
 from retinocli.reporting import metrics
@@ -167,15 +168,17 @@ def predict_loader(model, loader, place: Placement, mean: torch.Tensor, std: tor
     return torch.cat(targets).numpy(), torch.cat(outputs).numpy()
 
 
-def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None) -> dict:
-    """Loss (NLL of the grade probabilities), accuracy, QWK and balanced accuracy over the readable
-    images; ``grader`` turns probabilities into grades (None: argmax)."""
+def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None = None,
+                       nll_probs: np.ndarray | None = None) -> dict:
+    """Loss (NLL of ``nll_probs``, default ``probs``), accuracy, QWK and balanced accuracy over the
+    readable images; ``grader`` turns probabilities into grades (None: argmax)."""
     keep = y != IGNORE
+    nll = (probs if nll_probs is None else nll_probs)[keep]
     y, probs = y[keep], probs[keep]
     if len(y) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "qwk": float("nan"), "balanced_accuracy": float("nan")}
     pred = (grader or Grader()).grades(probs)
-    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    loss = float(-np.log(np.clip(nll[np.arange(len(y)), y], 1e-12, None)).mean())
     # plain floats: numpy scalars would not pass the weights_only unpickler
     return {"loss": loss, "accuracy": float(metrics.accuracy(y, pred)),
             "qwk": float(metrics.quadratic_weighted_kappa(y, pred)),
@@ -285,6 +288,7 @@ class _Loop:
         self.start_epoch = int(state["epoch"]) if state else 0
         self.epoch = self.start_epoch
         self.unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
+        self.freeze_notes: list[str] = []  # what the last epoch could not freeze on validation (#15)
         self.stopped = "completed"
         self.interrupted = False
 
@@ -365,10 +369,14 @@ class _Loop:
                               rate=done * place.world / max(time.perf_counter() - epoch_start, 1e-9))
 
         tr, y, raw = self._train_and_validate(show)
-        # cut points (regression, ordinal) are fitted on this epoch's validation outputs
+        # cut points, temperature, referral threshold and fusion (#14, #15) are fitted on this
+        # epoch's validation outputs; val loss is the model's own (T = 1) NLL
         readable = y != IGNORE
-        self.grader = fit_grader(cfg.head, raw[readable], y[readable], NUM_GRADES)
-        val = validation_metrics(y, self.grader.probabilities(raw), self.grader)
+        self.grader, self.freeze_notes = freeze_grader(
+            cfg.head, raw[readable], y[readable], num_grades=NUM_GRADES, target_sensitivity=cfg.target_sensitivity,
+            names=None if place.distributed else data.val_names[readable])
+        val = validation_metrics(y, self.grader.probabilities(raw), self.grader,
+                                 nll_probs=self.grader.uncalibrated(raw))
         self.unreadable = max(self.unreadable, tr["unreadable"] + int((y == IGNORE).sum()))
         row = {"epoch": epoch + 1, "seconds": round(tr["seconds"], 3),
                "lr": parts.optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
@@ -413,7 +421,7 @@ class _Loop:
     def result(self) -> RunResult:
         data, best = self.data, self.best
         failures = data.train_set.failures + data.val_set.failures  # paths are known only without worker processes
-        notes, warnings = [], []
+        notes, warnings = list(self.freeze_notes), []
         if best:
             grade, bar_acc = metrics.majority_baseline(np.asarray(data.val_grades))
             if best["accuracy"] <= bar_acc + 0.01:

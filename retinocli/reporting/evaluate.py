@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from retinocli import GRADE_NAMES
+from retinocli.deploy import schema
 from retinocli.reporting import metrics
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.events import EventsLike, emitter
@@ -247,8 +248,14 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
              layout: str | None = None, images: str | Path | None = None, tta: bool = False,
              out: str | Path | None = None, force: bool = False, batch_size: int = 64,
              threads: int | None = None, device: str = "auto", provider: str = "auto",
-             bootstrap: int = 1000, seed: int = 0, events: EventsLike = None) -> EvalResult:
-    """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv."""
+             bootstrap: int = 1000, seed: int = 0, fuse_eyes: bool = False,
+             events: EventsLike = None) -> EvalResult:
+    """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv.
+
+    The referral threshold and temperature frozen on validation at training are applied, never
+    re-tuned (``report["operating_point"]``, ``report["calibration"]``); ``fuse_eyes`` refines
+    each eye with its fellow's probabilities (:func:`retinocli.reporting.referral.fusion_for`).
+    """
     if batch_size < 1:
         raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
     if threads is not None and threads < 1:
@@ -256,6 +263,12 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     if bootstrap < 0 or bootstrap in (1, 2):
         raise RetinoError(f"--bootstrap must be 0 (no intervals) or >= 3 resamples, got {bootstrap}")
     backend = open_model(target, device=device, provider=provider, threads=threads)
+    from retinocli.reporting import referral
+
+    fusion = None
+    if fuse_eyes:  # before the split is read: a refusal costs no inference
+        backend.grader, fusion = referral.fusion_for(backend, split=split, tta=tta, batch_size=batch_size,
+                                                     threads=threads)
     out_dir = Path(out) if out is not None else default_out_dir(backend)
     from retinocli.rundir import RunDir
 
@@ -272,9 +285,14 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     if not ok.any():
         raise RetinoError(f"none of the {len(paths)} {split} images could be read "
                           f"(e.g. {next(iter(scored.errors.items()), ('', ''))[1]})")
+    single = scored.probs
+    if fusion is not None:  # fellows among the readable images of this split
+        scored.probs = np.full_like(single, np.nan)
+        scored.probs[ok] = referral.fuse_probs([n for n, g in zip(names, ok) if g], single[ok],
+                                               backend.grader)
     probs, y = scored.probs[ok].astype(np.float64), grades[ok]
     probs /= probs.sum(1, keepdims=True)  # fp16 models: exact normalisation for the AUC ranks
-    pred = backend.grader.grades(scored.probs[ok])  # as predictions.csv and `retino predict` do
+    pred = _grades(backend.grader, scored.probs[ok], fused=fusion is not None)  # as predictions.csv does
     k = len(backend.grade_names)
     summary = metrics.summarize(y, pred, probs, num_classes=k)
     fpr, tpr, _ = metrics.roc_curve(y >= metrics.REFERABLE_GRADE, probs[:, metrics.REFERABLE_GRADE:].sum(1))
@@ -289,9 +307,16 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
     }
     frame = _frame([n for n, good in zip(names, ok) if good], y, pred, probs)
+    frame[schema.REFERABLE] = np.where(backend.grader.referable(scored.probs[ok], fused=fusion is not None),
+                                       schema.YES, schema.NO)
     patients = _clinical_sections(report, frame, k, bootstrap, seed)
+    referral.add_sections(report, frame, backend.grader, y=y, probs=scored.probs[ok], single=single[ok],
+                          fusion=fusion, n_boot=bootstrap, seed=seed, num_classes=k)
+    if patients is not None:
+        patients = referral.referral_table(frame)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader)
+    _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader,
+                       fused=fusion is not None)
     if patients is not None:
         atomic_write(patients_path, patients.to_csv(index=False))
         report["patients"]["path"] = str(patients_path)
@@ -308,16 +333,19 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
     return EvalResult(out_dir, metrics_path, predictions_path, report, notes)
 
 
+def _grades(grader: Grader, probs: np.ndarray, *, fused: bool) -> np.ndarray:
+    """Grades of (readable) probabilities: fused ones by argmax, the fusion's own rule."""
+    return np.asarray(probs, np.float64).argmax(1) if fused else grader.grades(probs)
+
+
 def _frame(names: list[str], y: np.ndarray, pred: np.ndarray, probs: np.ndarray):
     """The readable images as a labelled predictions frame (the columns clinical reads)."""
     import pandas as pd
 
-    from retinocli.deploy.schema import PREDICTED_GRADE, REFERABLE_PROB, TRUE_GRADE, prob_column
-
-    frame = pd.DataFrame({"image": names, TRUE_GRADE: y, PREDICTED_GRADE: pred})
+    frame = pd.DataFrame({"image": names, schema.TRUE_GRADE: y, schema.PREDICTED_GRADE: pred})
     for j in range(probs.shape[1]):
-        frame[prob_column(j)] = probs[:, j]
-    frame[REFERABLE_PROB] = probs[:, metrics.REFERABLE_GRADE:].sum(1)
+        frame[schema.prob_column(j)] = probs[:, j]
+    frame[schema.REFERABLE_PROB] = probs[:, metrics.REFERABLE_GRADE:].sum(1)
     return frame
 
 
@@ -354,16 +382,18 @@ def _rounded(a: np.ndarray) -> list[float]:
 
 
 def _write_predictions(path: Path, names: list[str], scored: Scored, grades: np.ndarray,
-                       grade_names: tuple[str, ...], grader: Grader) -> None:
+                       grade_names: tuple[str, ...], grader: Grader, *, fused: bool = False) -> None:
     """predictions.csv (:mod:`retinocli.deploy.schema`, labelled), written whole and then renamed."""
-    from retinocli.deploy import schema
+    def row_of(name: str, p: str, g: int, row: np.ndarray) -> dict[str, Any]:
+        bad = p in scored.errors
+        return schema.make_row(name, p, None if bad else row, grade_names, labelled=True, true_grade=int(g),
+                               error=scored.errors.get(p, ""),
+                               grade=None if bad else int(_grades(grader, row[None], fused=fused)[0]),
+                               referable=None if bad else bool(grader.referable(row[None], fused=fused)[0]))
 
     def write(fh) -> None:
         writer = schema.RowWriter(fh, schema.columns(len(grade_names), labelled=True))
         writer.header()
-        writer.write([schema.make_row(name, p, None if p in scored.errors else row, grade_names, labelled=True,
-                                      true_grade=int(g), error=scored.errors.get(p, ""),
-                                      grade=None if p in scored.errors else int(grader.grades(row[None])[0]))
-                      for name, p, g, row in zip(names, scored.paths, grades, scored.probs)])
+        writer.write([row_of(name, p, g, row) for name, p, g, row in zip(names, scored.paths, grades, scored.probs)])
 
     atomic_write(path, write=write)

@@ -40,7 +40,7 @@ SPLIT_COLORS = {"train": "#0072B2", "val": "#E69F00", "test": "#009E73"}
 
 BASELINE_STYLE = "-."  # dash-dot: a majority-grade bar, never a training curve
 
-def _new_figure(size: tuple[float, float], **kw) -> Figure:
+def new_figure(size: tuple[float, float], **kw) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -49,7 +49,7 @@ def _new_figure(size: tuple[float, float], **kw) -> Figure:
     return fig
 
 
-def _style(ax, *, grid: str = "both") -> None:
+def style_axes(ax, *, grid: str = "both") -> None:
     ax.grid(True, axis=grid, alpha=0.3, linewidth=0.6)
     ax.spines[["top", "right"]].set_visible(False)
 
@@ -91,7 +91,7 @@ def curves_figure(run: RunSummary) -> Figure:
     h = run.history
     epochs = h["epoch"].to_numpy()
     with_qwk = bool(np.isfinite(h["val_qwk"].to_numpy(dtype=float)).any())
-    fig = _new_figure(FIGSIZE["curves" if with_qwk else "curves_no_qwk"])
+    fig = new_figure(FIGSIZE["curves" if with_qwk else "curves_no_qwk"])
     axes = fig.subplots(1, 3 if with_qwk else 2)
     best = run.best_epoch
     line = {"marker": "o", "markersize": 3.5 if len(h) <= 40 else 0, "linewidth": 1.6}
@@ -119,7 +119,7 @@ def curves_figure(run: RunSummary) -> Figure:
         _epoch_axis(ax, int(epochs.max()))
         if percent:
             _percent_axis(ax)
-        _style(ax)
+        style_axes(ax)
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
     stopped = len(h) < int(run.config.get("epochs") or len(h))
     note = f" — stopped after {len(h)} of {run.config['epochs']} epochs" if stopped else ""
@@ -154,7 +154,7 @@ def comparison_figure(runs: list[RunSummary]) -> Figure:
     """
     from matplotlib.lines import Line2D
 
-    fig = _new_figure(FIGSIZE["comparison"])
+    fig = new_figure(FIGSIZE["comparison"])
     ax = fig.subplots()
     handles = []
     for i, run in enumerate(runs):
@@ -178,7 +178,7 @@ def comparison_figure(runs: list[RunSummary]) -> Figure:
     _epoch_axis(ax, max(int(r.history["epoch"].max()) for r in runs))
     _percent_axis(ax)
     ax.set_ylabel("accuracy")
-    _style(ax)
+    style_axes(ax)
     ax.set_title("Accuracy per epoch: validation (solid) and training (dashed)", fontsize=12)
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, frameon=False)
     return fig
@@ -216,7 +216,7 @@ def confusion_figure(run: RunSummary) -> Figure:
     support = cm.sum(axis=1)
     norm = np.divide(cm, support[:, None], out=np.zeros_like(cm), where=support[:, None] > 0)
     empty = {r for r in range(k) if support[r] == 0}
-    fig = _new_figure(FIGSIZE["confusion"])
+    fig = new_figure(FIGSIZE["confusion"])
     ax_n, ax_p = fig.subplots(1, 2)
     _heatmap(ax_n, cm, [[f"{int(v):,}" for v in row] for row in cm], vmax=cm.max(), empty_rows=empty)
     _heatmap(ax_p, norm, [[MISSING if r in empty else f"{100 * v:.0f}%" for v in norm[r]] for r in range(k)],
@@ -263,7 +263,7 @@ def balance_figure(counts: dict[str, list[int]], source: str = "") -> Figure:
     """
     import numpy as np
 
-    fig = _new_figure(FIGSIZE["balance"])
+    fig = new_figure(FIGSIZE["balance"])
     ax = fig.subplots()
     width = 0.8 / max(1, len(counts))
     x = np.arange(NUM_GRADES)
@@ -285,7 +285,7 @@ def balance_figure(counts: dict[str, list[int]], source: str = "") -> Figure:
     highest = max((max(c, default=0) for c in counts.values()), default=0)
     # head room for the legend, one line per split, so it never covers a bar
     ax.set_ylim(0, max(1, highest) * (1.2 + 0.09 * len(counts)))
-    _style(ax, grid="y")
+    style_axes(ax, grid="y")
     ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
     ax.set_title(BALANCE_TITLE + (f"\n{source}" if source else ""), fontsize=12)
     return fig
@@ -313,7 +313,7 @@ def roc_figure(runs: list[RunSummary]) -> Figure:
     """
     evaluated = [r for r in runs if r.metrics is not None]
     shared = _same_evaluation(evaluated)
-    fig = _new_figure(FIGSIZE["roc"])
+    fig = new_figure(FIGSIZE["roc"])
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="chance")
     for i, run in enumerate(runs):
@@ -338,7 +338,7 @@ def roc_figure(runs: list[RunSummary]) -> Figure:
     ax.set_aspect("equal")
     ax.set_xlabel("1 − specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
-    _style(ax)
+    style_axes(ax)
     ax.legend(loc="lower right", fontsize=8.5, framealpha=0.9)
     where = evaluated_on(evaluated[0]) if shared and evaluated else "runs evaluated on different splits (legend)"
     ax.set_title(f"Referable DR (grade ≥ 2 vs < 2), {where}", fontsize=12)

@@ -65,7 +65,8 @@ def read_predictions(path: Path, num_grades: int) -> pd.DataFrame:
     from retinocli.deploy import schema
 
     rows = schema.read_rows(path, schema.columns(num_grades, labelled=True),
-                            what="`retino evaluate`'s predictions", remedy="run retino evaluate again with --force")
+                            what="`retino evaluate`'s predictions", remedy="run retino evaluate again with --force",
+                            also=[schema.older_columns(num_grades, labelled=True)])
     frame = pd.DataFrame(rows, columns=list(schema.columns(num_grades, labelled=True)))
     frame = frame[frame[schema.STATUS] == schema.OK].copy()
     for column in (schema.TRUE_GRADE, schema.PREDICTED_GRADE, schema.CONFIDENCE, schema.REFERABLE_PROB):

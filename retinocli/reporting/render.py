@@ -356,6 +356,7 @@ def render_evaluation(report: dict, console: Console) -> None:
     console.print(summary)
     if report.get("patients"):
         console.print(patient_table(report["patients"]))
+    _render_clinical(report, console)
     if gap < 0.01:
         console.print(f"[bold red]warning:[/] accuracy does not beat answering grade {m['majority_grade']} "
                       f"for every image by 1 point; judge by balanced accuracy, QWK and the confusion table")
@@ -363,6 +364,19 @@ def render_evaluation(report: dict, console: Console) -> None:
         console.print(f"[yellow]note:[/] {report['n_unreadable']} unreadable image(s) left out")
     console.print(f"[dim]{report['n_images']:,} images in {report['seconds']:.1f}s "
                   f"({report['images_per_second']:,.1f} img/s) on {report['runtime']}[/]")
+
+
+def _render_clinical(report: dict, console: Console) -> None:
+    """Issue #15's frozen operating point, calibration and fusion (reporting.render_clinical)."""
+    from retinocli.reporting import render_clinical as rc
+
+    if report.get("operating_point"):
+        console.print(rc.operating_table(report))
+        console.print(rc.operating_line(report), soft_wrap=True, highlight=False)
+    if report.get("calibration"):
+        console.print(rc.calibration_line(report["calibration"]), soft_wrap=True, highlight=False)
+    if report.get("fusion"):
+        console.print(rc.fusion_line(report["fusion"]), soft_wrap=True, highlight=False)
 
 
 def render_export(result, console: Console) -> None:
@@ -426,6 +440,10 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
     table.caption = f"referable DR (grade >= {REFERABLE_GRADE}): [bold]{summary.referable:,}[/]{share}"
     table.caption_justify = "left"
     console.print(table)
+    from retinocli.reporting.render_clinical import predict_referral_lines
+
+    for text in predict_referral_lines(summary):
+        console.print(text, soft_wrap=True, highlight=False)
     line = f"{summary.total:,} images: {graded:,} graded, {summary.errors:,} unreadable"
     console.print(line + (' (status "error" in the output)' if summary.errors else ""))
     for path, reason in summary.error_examples:
@@ -438,6 +456,8 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
     console.print(f"{speed}on [cyan]{summary.provider}[/]")
     if summary.out != "-":
         console.print(f"Predictions: {escape(summary.out)}", soft_wrap=True, highlight=False)
+    if summary.patients:
+        console.print(f"Patients: {escape(summary.patients['path'])}", soft_wrap=True, highlight=False)
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, highlight=False)
 

@@ -197,7 +197,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     """Figures and report.md comparing runs, in the folder ``out``.
 
     Writes ``<run>-curves.png`` per run, ``accuracy-comparison.png``, ``<run>-confusion.png``
-    per evaluated run, ``class-balance.png`` (the first run's split.csv that has one; runs
+    per evaluated run (and ``<run>-reliability.png`` where evaluate measured calibration),
+    ``class-balance.png`` (the first run's split.csv that has one; runs
     with another split are named in report.md), ``referable-roc.png`` when any run is
     evaluated, and ``report.md`` linking them.
 
@@ -260,6 +261,10 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         save(roc_figure(loaded), "referable-roc.png", "Referable DR ROC")
     else:
         notes.append("No run is evaluated, so there is no referable-DR ROC curve.")
+    from retinocli.reporting.figures_calibration import calibration_figures  # issue #15
+
+    for fig, filename, caption in calibration_figures(loaded):
+        save(fig, filename, caption)
 
     gallery_lines, gallery_notes = None, []
     if gallery:  # ------------------------------------------------ error gallery (issue #18)

@@ -116,7 +116,8 @@ def _roc_from_predictions(path: Path, num_grades: int) -> tuple[list[float], lis
     if not path.is_file():
         return None
     rows = schema.read_rows(path, schema.columns(num_grades, labelled=True),
-                            what="`retino evaluate`'s predictions", remedy="run retino evaluate again with --force")
+                            what="`retino evaluate`'s predictions", remedy="run retino evaluate again with --force",
+                            also=[schema.older_columns(num_grades, labelled=True)])
     ok = [r for r in rows if r[schema.STATUS] == schema.OK]
     try:
         grade = np.array([float(r[schema.TRUE_GRADE]) for r in ok])
