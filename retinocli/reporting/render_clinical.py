@@ -47,8 +47,8 @@ def operating_line(report: dict[str, Any]) -> str:
               f"{op['tp'] + op['fp'] + op['tn'] + op['fn']:,} images (tp {op['tp']}, fn {op['fn']}, "
               f"fp {op['fp']}, tn {op['tn']})")
     if not op["frozen"]:
-        return ("referral threshold not frozen: a model from before issue #15, default 0.5; retrain to "
-                "freeze one" + counts)
+        return ("referral threshold not frozen (a model trained before thresholds were frozen, or one whose "
+                "validation split lacked referable or non-referable images), default 0.5" + counts)
     val = op["validation"] or {}
     return (f"referral threshold {op['threshold']:.3f} frozen on validation for sensitivity >= "
             f"{op['target_sensitivity']:.2f} (val: sensitivity {_pct(val.get('sensitivity'))}, specificity "
