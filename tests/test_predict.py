@@ -446,16 +446,14 @@ def check_rows(rows: list[dict], expected: dict[str, str], p: Preprocess, folder
 
 
 def test_predict_folder_statuses_probs_and_summary(tmp_path, grader, photo_folder, monkeypatch):
-    from rich.console import Console
-
-    from retinocli.reporting.render import progress_bar
+    from retinocli.events import Recorder
 
     folder, expected = photo_folder
     # The output under a 150+ character folder, rendered 60 columns wide: a path is never cut.
     out = tmp_path / ("a-long-folder-name-" * 8) / "preds" / "predictions.csv"
     assert len(str(out)) > 150
-    progress = progress_bar(Console(file=io.StringIO()))
-    summary = predict_folder(folder, grader, out=out, batch_size=4, threads=2, progress=progress)
+    seen = Recorder()
+    summary = predict_folder(folder, grader, out=out, batch_size=4, threads=2, events=seen)
     rows = read_rows(out)
     assert tuple(rows[0]) == schema.PREDICT_COLUMNS == schema.columns(5, labelled=False)
     assert [r["path"] for r in rows] == [str(q) for q in find_images(folder)]
@@ -475,7 +473,10 @@ def test_predict_folder_statuses_probs_and_summary(tmp_path, grader, photo_folde
     assert summary.provider == CPU and summary.images_per_second == pytest.approx(15 / summary.seconds)
     assert [p for p, _ in summary.error_examples] == [
         r["path"] for r in rows if r["status"] == "error"]
-    assert progress.tasks[0].completed == progress.tasks[0].total == 15
+    assert seen.of("started", "predict")[0].total == 15 and seen.completed("predict") == 15
+    assert seen.of("advanced", "predict")[-1].fields["postfix"] == "4 unreadable"
+
+    from rich.console import Console
 
     monkeypatch.setenv("COLUMNS", "60")
     console = Console(file=io.StringIO(), record=True)

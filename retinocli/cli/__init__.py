@@ -546,9 +546,9 @@ def predict(
                     f"[bold]{grader.provider}[/]", soft_wrap=True, highlight=False)
         for note in grader.notes:
             shown.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-        with display.progress_bar(shown, "img") as bar:
+        with display.event_bars(shown, "img") as events:
             summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
-                                     resume=resume, force=force, json_lines=json_out, progress=bar,
+                                     resume=resume, force=force, json_lines=json_out, events=events,
                                      patients=patients, fuse_eyes=fuse_eyes)
     display.render_predict_summary(summary, list(grader.info.grade_names), shown)
     if strict and summary.errors:

@@ -31,16 +31,16 @@ import numpy as np
 from retinocli.deploy import schema
 from retinocli.deploy.patients import patients_target, read_output, write_patients
 from retinocli.errors import RetinoError
+from retinocli.events import Emitter, EventsLike, emitter
 from retinocli.data.files import IMAGE_EXTENSIONS
 from retinocli.machine import decode_threads
 from retinocli.reporting.metrics import REFERABLE_GRADE
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
-
     from retinocli.deploy.onnx_model import OnnxGrader
 
+TASK = "predict"  # the progress task of predict_folder
 _ERROR_EXAMPLES = 5
 
 
@@ -394,6 +394,58 @@ def check_output(out: str | Path | TextIO, *, resume: bool = False, force: bool 
         raise RetinoError(f"{path} exists; pass --resume to continue it or --force to overwrite")
 
 
+def _grade_into(target, todo: list[Path], model: OnnxGrader, root: Path, *, fieldnames: list[str], header: bool,
+                json_lines: bool, batch_size: int, threads: int | None, keep_rows: bool,
+                say: Emitter) -> tuple[dict[str, tuple], list[dict[str, Any]], int]:
+    """Decode, grade and write ``todo`` batch by batch (each batch flushed): returns path -> (grade,
+    error, referable) of this run, the rows themselves when ``keep_rows``, and how many were unreadable."""
+    names, grading = model.info.grade_names, model.info.grading
+    results: dict[str, tuple] = {}
+    kept: list[dict[str, Any]] = []
+    bad = 0
+    with target as fh:
+        writer = schema.RowWriter(fh, fieldnames, json_lines=json_lines)
+        if header:
+            writer.header()
+        for batch in decode_batches(todo, model.info.preprocess, batch_size=batch_size, threads=threads):
+            probs = iter(model.predict(batch.images))
+            reasons = {str(p): reason for p, reason in batch.errors}
+            rows = []
+            for image in batch.paths:
+                key = str(image)
+                p = None if key in reasons else next(probs)
+                row = schema.make_row(_image_name(image, root), key, p, names, labelled=False,
+                                      error=reasons.get(key, ""),
+                                      grade=None if p is None else int(grading.grades(p[None])[0]),
+                                      referable=None if p is None else bool(grading.referable(p[None])[0]))
+                rows.append(row)
+                results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR], row[schema.REFERABLE])
+            writer.write(rows)
+            kept += rows if keep_rows else []
+            bad += len(batch.errors)
+            say.advanced(TASK, len(batch.paths), postfix=f"{bad} unreadable" if bad else "")
+    return results, kept, bad
+
+
+def _tally(keys: list[str], results: dict[str, tuple], earlier: _Earlier,
+           k: int) -> tuple[list[int], int, list[tuple[str, str]], int]:
+    """Per-grade counts, unreadable count and examples, and images referred, over this run's rows
+    and those kept from an earlier run."""
+    counts = [0] * k
+    errors, examples, referred = 0, [], 0
+    for key in keys:
+        grade, reason, refer = results[key] if key in results else (
+            earlier.graded[key], "", schema.YES if key in earlier.referred else schema.NO)
+        referred += refer == schema.YES
+        if grade is not None and 0 <= grade < k:
+            counts[grade] += 1
+        else:
+            errors += 1
+            if len(examples) < _ERROR_EXAMPLES:
+                examples.append((key, reason))
+    return counts, errors, examples, referred
+
+
 def _image_name(path: Path, root: Path) -> str:
     """The ``image`` column: the path relative to the folder predicted (the file's name for
     a single image)."""
@@ -405,7 +457,7 @@ def _image_name(path: Path, root: Path) -> str:
 
 def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | TextIO, batch_size: int = 32,
                    threads: int | None = None, resume: bool = False, force: bool = False,
-                   json_lines: bool = False, progress: Progress | None = None,
+                   json_lines: bool = False, events: EventsLike = None,
                    patients: str | Path | None = None, fuse_eyes: bool = False) -> PredictSummary:
     """Grade every image under ``folder`` and write one row per image to ``out``.
 
@@ -423,7 +475,8 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
             those it says were unreadable (they may have been fixed since).
         force: overwrite an existing ``out``.
         json_lines: write one JSON object per line (the same keys) instead of CSV.
-        progress: a rich Progress (``display.progress_bar``) to advance per batch.
+        events: a listener for progress (task "predict", advanced per batch with the unreadable
+            count in ``postfix``; see :mod:`retinocli.events`).
         patients: the per-patient file (default: patients.csv beside a file ``out`` when
             the names give patients and eyes; :mod:`retinocli.deploy.patients`).
         fuse_eyes: fuse each eye with its fellow in the per-patient file.
@@ -450,7 +503,6 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     patients_path, note = patients_target(out, patients, [_image_name(p, root) for p in images], grading,
                                           force=force, resume=resume, fuse_eyes=fuse_eyes)
     notes += [note] if note else []
-    streamed: list[dict[str, Any]] = []  # a stream's rows, for the per-patient file
 
     earlier = _Earlier()
     if resume and path is not None and path.exists():
@@ -461,56 +513,21 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     todo = [p for p, key in zip(images, keys) if key not in earlier.graded]
     retried = sum(str(p) in earlier.retry for p in todo)
 
-    results: dict[str, tuple[int | None, str]] = {}  # path -> (grade, error) of this run
     append = resume and path is not None and path.exists() and path.stat().st_size > 0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         target = open(path, "a" if append else "w", encoding="utf-8", errors="surrogateescape", newline="")
     else:
         target = contextlib.nullcontext(stream)
-    task = progress.add_task("predict", total=len(todo), postfix="") if progress is not None else None
-    bad_now = 0
+    say = emitter(events)
+    say.started(TASK, total=len(todo))
     start = time.perf_counter()
-    with target as fh:
-        writer = schema.RowWriter(fh, fieldnames, json_lines=json_lines)
-        if not append:
-            writer.header()
-        for batch in decode_batches(todo, model.info.preprocess, batch_size=batch_size,
-                                    threads=threads):
-            probs = iter(model.predict(batch.images))
-            reasons = {str(p): reason for p, reason in batch.errors}
-            rows = []
-            for image in batch.paths:
-                key = str(image)
-                p = None if key in reasons else next(probs)
-                row = schema.make_row(_image_name(image, root), key, p, names, labelled=False,
-                                      error=reasons.get(key, ""),
-                                      grade=None if p is None else int(grading.grades(p[None])[0]),
-                                      referable=None if p is None else bool(grading.referable(p[None])[0]))
-                rows.append(row)
-                results[key] = (row[schema.PREDICTED_GRADE], row[schema.ERROR], row[schema.REFERABLE])
-            writer.write(rows)
-            if stream is not None and patients_path is not None:
-                streamed += rows
-            bad_now += len(batch.errors)
-            if progress is not None:
-                progress.update(task, advance=len(batch.paths),
-                                postfix=f"{bad_now} unreadable" if bad_now else "")
+    results, streamed, bad_now = _grade_into(
+        target, todo, model, root, fieldnames=fieldnames, header=not append, json_lines=json_lines,
+        batch_size=batch_size, threads=threads, keep_rows=stream is not None and patients_path is not None, say=say)
     seconds = time.perf_counter() - start
-
-    counts = [0] * k
-    errors, examples = 0, []
-    referred = 0
-    for key in keys:
-        grade, reason, refer = results[key] if key in results else (
-            earlier.graded[key], "", schema.YES if key in earlier.referred else schema.NO)
-        referred += refer == schema.YES
-        if grade is not None and 0 <= grade < k:
-            counts[grade] += 1
-        else:
-            errors += 1
-            if len(examples) < _ERROR_EXAMPLES:
-                examples.append((key, reason))
+    say.finished(TASK)
+    counts, errors, examples, referred = _tally(keys, results, earlier, k)
     graded_now = len(todo) - bad_now
     timed = graded_now > 0 and seconds >= MIN_TIMED_SECONDS
     return PredictSummary(
