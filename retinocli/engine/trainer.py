@@ -204,9 +204,8 @@ def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std
     ``augment`` turns the batch on the device; its parameters come from its seed, its epoch
     and ``step``.
     """
-    x = images.to(device, non_blocking=True).float().div_(255)
-    if augment is not None:
-        x = augment(x, step)
+    x = images.to(device, non_blocking=True)
+    x = augment(x, step) if augment is not None else x.float().div_(255)
     x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
