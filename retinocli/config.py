@@ -14,6 +14,7 @@ CHOICES = {
     "preprocess": ("none", "crop", "graham"),
     "augment": ("none", "light", "strong"),
     "augment_on": ("device", "workers"),
+    "decode": ("cpu", "gpu"),
     "class_weights": ("none", "balanced", "sqrt"),
     "sampler": ("uniform", "balanced"),
     "optimizer": ("sgd", "adamw"),
@@ -44,6 +45,7 @@ class TrainConfig:
     # workers: per image in the loader (default until batched augmentation's quality is shown equal, #16);
     # device: batched on the training device, one warp and one colour map per batch
     augment_on: str = "workers"
+    decode: str = "cpu"  # gpu: workers read JPEG bytes, the CUDA device decodes them in batches (#16)
     val_fraction: float = 0.1
     class_weights: str = "none"
     sampler: str = "uniform"

@@ -240,6 +240,9 @@ def train(
                                                  "(batched on the training device, one step per batch: "
                                                  "far faster on a GPU; experimental until its training "
                                                  "quality is shown equal).")] = "workers",
+    decode: Annotated[str, typer.Option(help="cpu (PIL in the loader processes) or gpu (workers read JPEG "
+                                             "bytes, CUDA decodes each batch; needs --augment-on device "
+                                             "and --preprocess none).")] = "cpu",
     val_fraction: Annotated[float, typer.Option(help="Share of training patients carved into validation "
                                                      "when the dataset has no val split.")] = 0.1,
     class_weights: Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")] = "none",
@@ -295,7 +298,7 @@ def train(
             values = dict(
                 data=str(data), layout=layout, images=str(images) if images else None, arch=arch,
                 pretrained=pretrained, weights=weights, mode=mode, head_epochs=head_epochs, stem=stem,
-                img_size=img_size, preprocess=preprocess, augment=augment, augment_on=augment_on,
+                img_size=img_size, preprocess=preprocess, augment=augment, augment_on=augment_on, decode=decode,
                 val_fraction=val_fraction, class_weights=class_weights, sampler=sampler, optimizer=optimizer,
                 lr=lr, momentum=momentum,
                 weight_decay=weight_decay, scheduler=scheduler, warmup_epochs=warmup_epochs, epochs=epochs,

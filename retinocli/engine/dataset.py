@@ -211,7 +211,7 @@ def default_workers(device_type: str) -> int:
 
 
 def make_loader(dataset: FundusDataset, sampler: EpochSampler, *, batch_size: int, workers: int,
-                pin_memory: bool, drop_last: bool = False) -> DataLoader:
+                pin_memory: bool, drop_last: bool = False, collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)

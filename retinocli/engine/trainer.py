@@ -23,6 +23,7 @@ from torch import nn
 from retinocli import GRADE_NAMES, NUM_GRADES, __version__
 from retinocli.reporting import metrics
 from retinocli.engine.augment import BatchAugment
+from retinocli.engine.jpeg_decode import JpegBytesDataset, JpegCollate, check_gpu_decode
 from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.config import TrainConfig
 from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, default_workers,
@@ -339,6 +340,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         say(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
 
     device = pick_device(cfg.device, local_rank)
+    if cfg.decode == "gpu":
+        check_gpu_decode(device, preprocess_of(cfg), cfg.augment, cfg.augment_on)
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -365,6 +368,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=rank) if on_device else None
     val_set = FundusDataset(val_rec["path"].tolist(), val_rec["grade"].astype(int).tolist(), prep, "none")
+    collate = None
+    if cfg.decode == "gpu":  # workers read JPEG bytes; JpegBatch.to(device) decodes them (engine/jpeg_decode.py)
+        train_set = JpegBytesDataset(train_set.paths, train_set.grades, prep)
+        val_set = JpegBytesDataset(val_set.paths, val_set.grades, prep)
+        collate = JpegCollate(prep.size, prep.interpolation)
     workers = cfg.workers if cfg.workers is not None else default_workers(device.type)
     weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
     train_sampler = EpochSampler(len(train_set), seed=cfg.seed, weights=weights, rank=rank, world=world)
@@ -372,8 +380,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     pin = device.type == "cuda"
     drop_last = len(train_sampler) > cfg.batch_size
     train_loader = make_loader(train_set, train_sampler, batch_size=cfg.batch_size, workers=workers,
-                               pin_memory=pin, drop_last=drop_last)
-    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin)
+                               pin_memory=pin, drop_last=drop_last, collate_fn=collate)
+    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin,
+                             collate_fn=collate)
     if len(train_loader) == 0:
         raise RetinoError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     if len(val_set) == 0:
