@@ -137,8 +137,10 @@ def warp(u: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     n, _, h, w = u.shape
     grid = sampling_grid(theta.to(u.dtype), n, h, w)
     out = F.grid_sample(u, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    ix, iy = ((grid[..., 0] + 1) * w - 1) / 2, ((grid[..., 1] + 1) * h - 1) / 2  # pixel coordinates
-    inside = (torch.minimum(ix + 1, w - ix).clamp_(0, 1) * torch.minimum(iy + 1, h - iy).clamp_(0, 1))
+    # the in-bounds bilinear weight along x is min(ix + 1, w - ix) in pixels, clamped to [0, 1]:
+    # ((1 - |gx|) w + 1) / 2 in grid coordinates; likewise along y
+    inside = grid[..., 0].abs().mul_(-w / 2).add_(w / 2 + 0.5).clamp_(0, 1)
+    inside.mul_(grid[..., 1].abs().mul_(-h / 2).add_(h / 2 + 0.5).clamp_(0, 1))
     return out.mul_(inside.unsqueeze(1)).round_()
 
 
@@ -180,6 +182,7 @@ def jitter(u: torch.Tensor, p: dict[str, torch.Tensor], active: tuple[bool, bool
     position share one expression; the ones whose hue turns there go through HSV. Each pass
     is clamped and truncated to uint8 like torchvision's ``_blend``. ``active`` says which
     operations the preset uses (a zero range is skipped, as ``ColorJitter`` skips it).
+    Works in place on ``u``.
     """
     n = u.shape[0]
     factors = torch.stack([p[name] for name in COLOUR_OPS], 1).to(u.dtype)  # (N, 4)
@@ -193,11 +196,16 @@ def jitter(u: torch.Tensor, p: dict[str, torch.Tensor], active: tuple[bool, bool
         linear = on & (op < 3)
         if bool(linear.any()):
             one, zero = torch.ones_like(f), torch.zeros_like(f)
-            alpha = torch.where(linear, f, one)
-            g = grey(u)
-            beta = torch.where(linear & (op == 2), 1 - f, zero)
-            gamma = torch.where(linear & (op == 1), (1 - f) * g.mean((1, 2, 3)), zero)
-            u = (u * alpha.view(n, 1, 1, 1) + g * beta.view(n, 1, 1, 1) + gamma.view(n, 1, 1, 1)).clamp_(0, 255).floor_()
+            alpha = torch.where(linear, f, one).view(n, 1, 1, 1)
+            beta = torch.where(linear & (op == 2), 1 - f, zero).view(n, 1, 1, 1)
+            blend = linear & (op >= 1)  # contrast and saturation blend with grey; brightness does not
+            if bool(blend.any()):
+                g = grey(u)  # (N, 1, H, W): a third of the image's bytes, so the blend is built on it
+                gamma = torch.where(linear & (op == 1), (1 - f) * g.mean((1, 2, 3)), zero).view(n, 1, 1, 1)
+                u = u.mul_(alpha).add_(g.mul_(beta).add_(gamma))
+            else:
+                u = u.mul_(alpha)
+            u = u.clamp_(0, 255).floor_()
         turn = on & (op == 3)
         if bool(turn.any()):
             idx = turn.nonzero().view(-1)
