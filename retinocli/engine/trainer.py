@@ -6,6 +6,7 @@ Reads top to bottom: :func:`train` sets up and runs epochs of :func:`train_one_e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -340,6 +341,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
         say(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")
 
     device = pick_device(cfg.device, local_rank)
+    if cfg.augment_on == "auto":  # batched on a GPU; on a CPU the per-image way in parallel workers is as fast
+        cfg = dataclasses.replace(cfg, augment_on="device" if device.type == "cuda" else "workers")
     if cfg.decode == "gpu":
         check_gpu_decode(device, preprocess_of(cfg), cfg.augment, cfg.augment_on)
     if ddp and not dist.is_initialized():
