@@ -204,7 +204,8 @@ def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std
     """uint8 NCHW on the host -> (augmented) normalised float on the device: (x / 255 - mean) / std.
 
     ``augment`` turns the batch on the device; its parameters come from its seed, its epoch
-    and ``step``.
+    and ``step``. Under ``--decode gpu`` ``images`` is a :class:`retinocli.engine.jpeg_decode.JpegBatch`,
+    whose ``.to(device)`` decodes it there.
     """
     x = images.to(device, non_blocking=True)
     x = augment(x, step) if augment is not None else x.float().div_(255)
