@@ -13,7 +13,8 @@ CHOICES = {
     "mode": ("finetune", "linear", "two-stage"),
     "preprocess": ("none", "crop", "graham"),
     "augment": ("none", "light", "strong"),
-    "augment_on": ("device", "workers"),
+    "augment_on": ("auto", "device", "workers"),
+    "decode": ("cpu", "gpu"),
     "class_weights": ("none", "balanced", "sqrt"),
     "sampler": ("uniform", "balanced"),
     "optimizer": ("sgd", "adamw"),
@@ -41,9 +42,10 @@ class TrainConfig:
     img_size: int = 512
     preprocess: str = "none"
     augment: str = "light"
-    # workers: per image in the loader (default until batched augmentation's quality is shown equal, #16);
-    # device: batched on the training device, one warp and one colour map per batch
-    augment_on: str = "workers"
+    # workers: per image in the loader; device: batched on the training device, the same images (#16);
+    # auto: device on CUDA, workers elsewhere (resolved when training starts, config.json keeps the result)
+    augment_on: str = "auto"
+    decode: str = "cpu"  # gpu: workers read JPEG bytes, the CUDA device decodes them in batches (#16)
     val_fraction: float = 0.1
     class_weights: str = "none"
     sampler: str = "uniform"

@@ -158,8 +158,12 @@ def paths(c: Check, data: Path, device: str, tiny: bool) -> None:
 
     amp = {"amp": True, "channels_last": True, "amp_dtype": "bfloat16"} if cuda else {}
     c.run("train (defaults)", [*train, "--epochs", "2", "--name", "default", "--json"], timeout=240,
-          checks=config_checks("default", **amp))
+          checks=config_checks("default", **amp, augment_on="device" if cuda else "workers"))
     run = runs / "default"
+    # #16: JPEG bytes decoded by nvJPEG in batches; without CUDA one error line, exit 2
+    c.run("train --decode gpu", [*train, "--epochs", "1", "--decode", "gpu", "--augment-on", "device",
+                                 "--name", "gpudecode", "--json"], timeout=180, expect_rc=0 if cuda else 2,
+          checks=config_checks("gpudecode", decode="gpu") if cuda else None)
 
     def eval_checks(stdout: str, stderr: str) -> list[str]:
         d = json.loads(stdout)

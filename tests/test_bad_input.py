@@ -113,6 +113,8 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("unknown-arch", ["--arch", "resnet9"], "unknown architecture 'resnet9'; choose from resnet18"),
         ("unknown-arch-vgg16", ["--arch", "vgg16"], "unknown architecture 'vgg16'"),
         ("unknown-device", ["--device", "tpu"], "unknown device 'tpu'"),
+        ("decode-gpu-on-the-cpu", ["--decode", "gpu", "--augment-on", "device", "--device", "cpu"],
+         "--decode gpu needs a CUDA device"),
         ("unknown-weights-name", ["--weights", "IMAGENET9K"], "resnet18 has no weights 'IMAGENET9K'"),
         ("weights-text-file-pth", ["--weights", "{models}/text.pth"], "not a loadable weights file"),
         ("weights-of-another-arch", ["--arch", "resnet34", "--weights", "{run}/best.pt"],

@@ -54,6 +54,9 @@ def test_bench_quick_has_every_row_and_positive_speeds():
     assert {r["baseline"] for r in compared if r["section"] == "pipeline"} == \
         {"resnet18, mixed precision, channels-last memory layout"}
     assert d["environment"]["torch"] and d["environment"]["onnxruntime"] and d["environment"]["device"] == "cpu"
+    # GPU JPEG decoding (#16): no row without CUDA, a note instead
+    assert "GPU JPEG decoding (retino train --decode gpu): skipped, it needs a CUDA device" in d["notes"]
+    assert not [r for r in rows if "decoded on the GPU" in r["name"]]
 
 
 def test_ratio_uses_the_baseline_of_the_same_batch_and_size():

@@ -80,6 +80,9 @@ def test_resuming_from_best_pt_is_refused(trained_run):
 def test_resume_gives_the_same_weights(synth_data, tmp_path):
     settings = dict(deterministic=True, augment="light", epochs=3, seed=7)
     full = train(cfg(synth_data, tmp_path, name="full", **settings))
+    # the default --augment-on auto is resolved when training starts: the per-image way on a CPU
+    assert json.loads((full.run_dir / "config.json").read_text())["augment_on"] == \
+        ("device" if torch.cuda.is_available() else "workers")
 
     def interrupt(epoch, row):
         if epoch == 1:
@@ -115,7 +118,7 @@ def test_a_config_from_before_batched_augmentation_keeps_the_per_image_way():
     old = {k: v for k, v in TrainConfig(augment="strong").to_dict().items() if k != "augment_on"}
     assert TrainConfig.from_dict(old).augment_on == "workers"
     assert TrainConfig.from_dict(TrainConfig(augment_on="device").to_dict()).augment_on == "device"
-    assert TrainConfig().augment_on == "workers"  # the default until #16 shows equal quality
+    assert TrainConfig().augment_on == "auto"  # device on CUDA, workers elsewhere: resolved by train
 
 
 def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home):

@@ -232,10 +232,13 @@ def train(
     preprocess: Annotated[str, typer.Option(help="none, crop (to the fundus circle), graham "
                                                  "(crop + Ben Graham's local-colour subtraction).")] = "none",
     augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
-    augment_on: Annotated[str, typer.Option(help="workers (per image in the loader processes) or device "
-                                                 "(batched on the training device, one step per batch: "
-                                                 "far faster on a GPU; experimental until its training "
-                                                 "quality is shown equal).")] = "workers",
+    augment_on: Annotated[str, typer.Option(help="auto (device on CUDA, else workers), workers (per image "
+                                                 "in the loader processes) or device (batched on the "
+                                                 "training device, the same images: far faster on a "
+                                                 "GPU).")] = "auto",
+    decode: Annotated[str, typer.Option(help="cpu (PIL in the loader processes) or gpu (workers read JPEG "
+                                             "bytes, CUDA decodes each batch; needs --augment-on device "
+                                             "and --preprocess none).")] = "cpu",
     val_fraction: Annotated[float, typer.Option(help="Share of training patients carved into validation "
                                                      "when the dataset has no val split.")] = 0.1,
     class_weights: Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")] = "none",

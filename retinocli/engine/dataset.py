@@ -84,9 +84,10 @@ def training_split(records: pd.DataFrame, val_fraction: float, seed: int) -> tup
 def augmentation(preset: str):
     """Per-image augmentation presets on uint8 CHW tensors, run in the loader workers.
 
-    A fundus has no up: rotate the full circle. ``retino train`` uses these only with
-    ``--augment-on workers``; by default :class:`retinocli.engine.augment.BatchAugment` draws from the
-    same ranges and turns whole batches on the device.
+    A fundus has no up: rotate the full circle. ``retino train`` uses these with
+    ``--augment-on workers`` (the ``auto`` choice on a CPU); on the device
+    :class:`retinocli.engine.augment.BatchAugment` reproduces them a whole batch at a time
+    (tests/test_augment_equivalence.py).
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
@@ -205,7 +206,7 @@ def sample_weights(grades: list[int]) -> list[float]:
 
 
 def make_loader(dataset: FundusDataset, sampler: EpochSampler, *, batch_size: int, workers: int,
-                pin_memory: bool, drop_last: bool = False) -> DataLoader:
+                pin_memory: bool, drop_last: bool = False, collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)

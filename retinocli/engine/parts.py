@@ -130,6 +130,13 @@ def build_data(cfg: TrainConfig, place: Placement) -> Data:
     train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=place.rank) if on_device else None
     val_set = FundusDataset(val_rec["path"].tolist(), val_grades, prep, "none")
+    collate = None
+    if cfg.decode == "gpu":  # workers read JPEG bytes; JpegBatch.to(device) decodes them (engine/jpeg_decode.py)
+        from retinocli.engine.jpeg_decode import JpegBytesDataset, JpegCollate
+
+        train_set = JpegBytesDataset(train_set.paths, train_set.grades, prep)
+        val_set = JpegBytesDataset(val_set.paths, val_set.grades, prep)
+        collate = JpegCollate(prep.size, prep.interpolation)
     workers = cfg.workers if cfg.workers is not None else loader_workers(place.device.type)
     weights = sample_weights(train_grades) if cfg.sampler == "balanced" else None
     train_sampler = EpochSampler(len(train_set), seed=cfg.seed, weights=weights, rank=place.rank, world=place.world)
@@ -137,8 +144,9 @@ def build_data(cfg: TrainConfig, place: Placement) -> Data:
     pin = place.device.type == "cuda"
     drop_last = len(train_sampler) > cfg.batch_size
     train_loader = make_loader(train_set, train_sampler, batch_size=cfg.batch_size, workers=workers,
-                               pin_memory=pin, drop_last=drop_last)
-    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin)
+                               pin_memory=pin, drop_last=drop_last, collate_fn=collate)
+    val_loader = make_loader(val_set, val_sampler, batch_size=cfg.batch_size, workers=workers, pin_memory=pin,
+                             collate_fn=collate)
     if len(train_loader) == 0:
         raise RetinoError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     if len(val_set) == 0:

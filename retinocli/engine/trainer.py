@@ -9,6 +9,7 @@ history and checkpoints through :class:`RunDir`. Progress and messages go out as
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -23,9 +24,10 @@ import torch.distributed as dist
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.config import TrainConfig
 from retinocli.engine.augment import BatchAugment
+from retinocli.engine.jpeg_decode import check_gpu_decode
 from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.engine.dataset import IGNORE
-from retinocli.engine.parts import Data, Parts, build_data, build_parts, restore
+from retinocli.engine.parts import Data, Parts, build_data, build_parts, preprocess_of, restore
 from retinocli.engine.placement import Placement, versions
 from retinocli.errors import RetinoError
 from retinocli.events import Emitter, EventsLike, emitter
@@ -88,11 +90,11 @@ def to_input(images: torch.Tensor, device: torch.device, mean: torch.Tensor, std
     """uint8 NCHW on the host -> (augmented) normalised float on the device: (x / 255 - mean) / std.
 
     ``augment`` turns the batch on the device; its parameters come from its seed, its epoch
-    and ``step``.
+    and ``step``. Under ``--decode gpu`` ``images`` is a :class:`retinocli.engine.jpeg_decode.JpegBatch`,
+    whose ``.to(device)`` decodes it there.
     """
-    x = images.to(device, non_blocking=True).float().div_(255)
-    if augment is not None:
-        x = augment(x, step)
+    x = images.to(device, non_blocking=True)
+    x = augment(x, step) if augment is not None else x.float().div_(255)
     x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -220,6 +222,10 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
             raise RetinoError(f"{ckpt_path} already finished all {cfg.epochs} epochs")
     assert cfg is not None
     place = Placement.choose(cfg.device, amp=cfg.amp, channels_last=cfg.channels_last, distributed=True)
+    if cfg.augment_on == "auto":  # batched on a GPU; on a CPU the per-image way in parallel workers is as fast
+        cfg = dataclasses.replace(cfg, augment_on="device" if place.device.type == "cuda" else "workers")
+    if cfg.decode == "gpu":
+        check_gpu_decode(place.device, preprocess_of(cfg), cfg.augment, cfg.augment_on)
     say = emitter(events) if place.is_main else Emitter()
     if state is not None:
         say.message(f"Resuming {ckpt_path} after epoch {state['epoch']} of {cfg.epochs}, with the run's own settings")

@@ -644,6 +644,12 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
             say("training input per augmentation preset")
             rows += bench_augment(jpegs, plan.data_size, f"{plan.data_size} px JPEG", device, min_s,
                                   batch=4 if plan.quick else 32)
+            from retinocli.reporting.bench_decode import bench_gpu_decode
+
+            decode_rows, decode_notes = bench_gpu_decode(jpegs, plan.data_size, f"{plan.data_size} px JPEG", device,
+                                                         min_s, batch=4 if plan.quick else 32)
+            rows += decode_rows
+            notes += decode_notes
             photos = plan.full_size_photos
             if photos is not None and photos.is_dir():
                 from retinocli.deploy.predict import find_images
