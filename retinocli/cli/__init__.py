@@ -707,7 +707,7 @@ def bench(
         with shown.status("benchmarking") if shown.is_terminal else nullcontext() as status:
             say = ((lambda msg: status.update(f"benchmarking: {msg}")) if status is not None else
                    (lambda msg: shown.print(f"benchmarking: {msg}", markup=False, highlight=False, soft_wrap=True)))
-            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]), progress=say)
+            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]), events=lambda event: say(event.text))
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from retinocli.errors import RetinoError
+from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 from retinocli.machine import cores
 
@@ -608,8 +609,9 @@ def bench_predict(model_path: Path, folder: Path, batch: int, provider: str, tmp
 # ---------------------------------------------------------------------------- main
 
 
-def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Measure everything ``plan`` asks for; see the module doc."""
+def run_bench(plan: Plan, *, command: str = "retino bench", events: EventsLike = None) -> BenchResult:
+    """Measure everything ``plan`` asks for; see the module doc. ``events`` hears each stage as it
+    starts, as a message of level "stage" (see :mod:`retinocli.events`)."""
     import torch
 
     from retinocli.machine import loader_workers
@@ -618,7 +620,11 @@ def run_bench(plan: Plan, *, command: str = "retino bench", progress: Callable[[
     unknown = sorted(set(plan.sections) - set(SECTIONS))
     if unknown or not plan.sections:
         raise RetinoError(f"--only takes {', '.join(SECTIONS)}; got {', '.join(unknown) or 'nothing'}")
-    say = progress or (lambda msg: None)
+    emit = emitter(events)
+
+    def say(stage: str) -> None:
+        emit.message(stage, level="stage")
+
     device = pick_device(plan.device)
     gpu = device.type == "cuda"
     if gpu:
