@@ -304,6 +304,7 @@ def train(
                 patience=patience, select_metric=select_metric, head=head, pool=pool, ema=ema, mixup=mixup,
                 cutmix=cutmix, project=project, name=name)
             if config is not None:  # the file's values, except where the command line named the option
+                values["recipe"] = str(config)
                 for key, value in TrainConfig.from_file(config).items():
                     source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
                     if getattr(source, "name", None) != "COMMANDLINE":
@@ -426,6 +427,22 @@ def report(
         console.print(f"[yellow]note:[/] {line}")
     _print_differences(result.differences)
     console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
+
+
+@app.command()
+def results(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, each evaluated with --split val.")],
+    out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("RESULTS.md"),
+    title: Annotated[str, typer.Option(help="Its heading.")] = "Results",
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """RESULTS.md from runs: per-seed and mean ± sd validation numbers per recipe and head, with each
+    group's command, training time and machine."""
+    from retinocli.reporting.results import write_results
+
+    with user_errors():
+        path, rows = write_results(runs, out, force=force, title=title)
+    console.print(f"Wrote {path}: {len(rows)} run(s)", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -99,7 +99,10 @@ def versions(device: torch.device) -> dict:
 
     # str(): torch.__version__ is a TorchVersion, which the weights_only unpickler refuses
     out = {"retino": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-           "python": platform.python_version(), "device": str(device)}
+           "python": platform.python_version(), "device": str(device),
+           # the machine the wall times in history.csv were measured on (RESULTS.md quotes it)
+           "machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = str(torch.version.cuda)
@@ -451,7 +454,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, f
     device_info = versions(device)
     if rank == 0 and state is None:
         run.write_config(
-            {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": small,
+            {**cfg.to_dict(), "command": cfg.command_line(), "learning_rate": cfg.learning_rate, "small_stem": small,
              "parameters": sum(p.numel() for p in core.parameters()), "amp": amp,
              "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp else None,
              "channels_last": channels_last, "workers": workers, "world_size": world,
