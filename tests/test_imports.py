@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config",
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
               "retinocli.reporting.metrics", "retinocli.reporting.clinical",
-              "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints")
+              "retinocli.reporting.calibration", "retinocli.reporting.results", "retinocli.models.grading",
+              "retinocli.models.cutpoints")
 TORCH_ALLOWED = ("retinocli.deploy.export",)  # torch -> ONNX needs torch
 
 

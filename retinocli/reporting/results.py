@@ -24,8 +24,6 @@ IMAGE_METRICS = (("ACC", ("metrics", "accuracy")), ("AUC", ("metrics", "ovr_macr
 PATIENT_METRICS = (("patient ACC", ("patients", "metrics", "accuracy")),
                    ("patient QWK", ("patients", "metrics", "qwk")),
                    ("patient ref. AUC", ("patients", "intervals", "metrics", "referable_auc", "estimate")))
-#: config keys that do not change what is trained: runs differing only here form one group
-NOT_THE_RECIPE = ("seed", "name", "project", "recipe", "command")
 
 
 @dataclass
@@ -106,10 +104,14 @@ def load_run(path: str | Path) -> RunResult:
 
 
 def group_runs(results: Sequence[RunResult]) -> list[list[RunResult]]:
-    """Runs that share a command but for the seed, in the order their first run was given; seeds sorted."""
-    groups: dict[tuple[str, str], list[RunResult]] = {}
+    """Runs that share a command but for the seed, in the order their first run was given; seeds sorted.
+
+    A run given its options through a recipe file and one given the same options on the command
+    line train alike, so they share a group (named after the recipe).
+    """
+    groups: dict[str, list[RunResult]] = {}
     for r in results:
-        groups.setdefault((r.group, r.recipe or ""), []).append(r)
+        groups.setdefault(r.group, []).append(r)
     return [sorted(g, key=lambda r: (r.seed, r.run)) for g in groups.values()]
 
 
@@ -129,8 +131,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _recipe_label(r: RunResult) -> str:
-    return Path(r.recipe).name if r.recipe else "(options)"
+def _recipe_label(group: Sequence[RunResult]) -> str:
+    recipes = sorted({Path(r.recipe).name for r in group if r.recipe})
+    return ", ".join(recipes) if recipes else "(options)"
 
 
 def _headers(results: Sequence[RunResult]) -> list[str]:
@@ -161,7 +164,7 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
     for i, g in enumerate(groups, 1):
         summary = summarise_seeds([{**r.metrics, "seconds": r.train_seconds} for r in g])
         first = g[0]
-        lines.append(_row([str(i), first.dataset, _recipe_label(first), first.head,
+        lines.append(_row([str(i), first.dataset, _recipe_label(g), first.head,
                            ",".join(str(r.seed) for r in g), *(_mean_sd(summary.get(h)) for h in metrics),
                            _minutes(summary["seconds"]["mean"]), first.machine]))
     lines += ["", "## Runs", "",
@@ -176,7 +179,7 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
               "Each group's runs differ only in `--seed` (and their `--name`); the recipe file, where one was "
               "given, is spelled out as options.", ""]
     for i, g in enumerate(groups, 1):
-        lines += [f"{i}. {_recipe_label(g[0])}, {g[0].head} head:", "", "   ```", f"   {g[0].group} --seed S", "   ```", ""]
+        lines += [f"{i}. {_recipe_label(g)}, {g[0].head} head:", "", "   ```", f"   {g[0].group} --seed S", "   ```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
