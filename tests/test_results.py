@@ -118,8 +118,9 @@ def test_results_table_holds_the_runs_numbers(recipe_runs, tmp_path):
         for header, where in (*IMAGE_METRICS, *PATIENT_METRICS):
             if header in row and row[header] != "–":
                 assert float(row[header]) == pytest.approx(_metric(report, where), abs=5e-4), (name, header)
-        seconds = sum(float(line.split(",")[1]) for line in (run / "history.csv").read_text().splitlines()[1:])
-        assert row["train time"] == f"{seconds / 60:.1f} min"
+        history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
+        assert row["train time"] == f"{sum(float(h[1]) for h in history) / 60:.1f} min"
+        assert float(row["last-epoch QWK"]) == pytest.approx(float(history[-1][7]), abs=5e-4)
     summary = _table(text, "Summary")
     assert len(summary) == 2  # retinamnist seeds 0 and 1 form one group; eyepacs-256 the other
     two = next(r for r in summary if r["recipe"] == "retinamnist.toml")

@@ -41,6 +41,7 @@ class RunResult:
     best_epoch: int | None
     train_seconds: float
     machine: str
+    last_qwk: float  # history's validation QWK of the last epoch: no epoch chosen on validation
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -100,7 +101,8 @@ def load_run(path: str | Path) -> RunResult:
                      command=command, group=_group_command(config), epochs=int(len(history)),
                      best_epoch=int(best) if isinstance(best, int) else None,
                      train_seconds=float(history["seconds"].sum()) if len(history) else 0.0,
-                     machine=machine_of(config.get("versions", {})), metrics=values)
+                     machine=machine_of(config.get("versions", {})),
+                     last_qwk=float(history["val_qwk"].iloc[-1]) if len(history) else math.nan, metrics=values)
 
 
 def group_runs(results: Sequence[RunResult]) -> list[list[RunResult]]:
@@ -157,6 +159,7 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
              "Validation-split numbers only (`retino evaluate RUN --split val`): the split that also chose each "
              "run's best epoch and, for the ordinal and regression heads, its cut points, so they are optimistic "
              "about unseen data. Written by `retino results` from the run folders; sd is the sample sd over seeds. "
+             "The last-epoch QWK (history.csv) is the one number no epoch choice flatters. "
              "Training time is the sum of history.csv's epoch times (training passes, validation excluded).", "",
              "## Summary", "",
              _row(["group", "dataset", "recipe", "head", "seeds", *metrics, "train time / run", "machine"]),
@@ -168,13 +171,14 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
                            ",".join(str(r.seed) for r in g), *(_mean_sd(summary.get(h)) for h in metrics),
                            _minutes(summary["seconds"]["mean"]), first.machine]))
     lines += ["", "## Runs", "",
-              _row(["group", "run", "seed", "epochs", "best epoch", *metrics, "train time"]),
-              _row(["---"] * (5 + len(metrics) + 1))]
+              _row(["group", "run", "seed", "epochs", "best epoch", *metrics, "last-epoch QWK", "train time"]),
+              _row(["---"] * (5 + len(metrics) + 2))]
     for i, g in enumerate(groups, 1):
         for r in g:
             lines.append(_row([str(i), Path(r.run).name, str(r.seed), str(r.epochs),
                                "–" if r.best_epoch is None else str(r.best_epoch),
-                               *(_number(r.metrics.get(h, math.nan)) for h in metrics), _minutes(r.train_seconds)]))
+                               *(_number(r.metrics.get(h, math.nan)) for h in metrics), _number(r.last_qwk),
+                               _minutes(r.train_seconds)]))
     lines += ["", "## Commands", "",
               "Each group's runs differ only in `--seed` (and their `--name`); the recipe file, where one was "
               "given, is spelled out as options.", ""]
