@@ -128,9 +128,11 @@ def test_results_table_holds_the_runs_numbers(recipe_runs, tmp_path):
     reports = [json.loads((recipe_runs[f"retinamnist-s{s}"] / "metrics.json").read_text()) for s in (0, 1)]
     qwks = [r["metrics"]["qwk"] for r in reports]
     assert two["QWK"] == f"{statistics.mean(qwks):.3f} ± {statistics.stdev(qwks):.3f}"
-    commands = re.findall(r"```\n\s*(retino train .*)\n", text)
-    assert len(commands) == 2 and all(c.endswith("--seed S") for c in commands)
-    assert "--img-size 16" in commands[0] and "--head ordinal" in commands[0]
+    commands = re.findall(r"^\s*(retino train .*)$", text.split("## Commands", 1)[1], flags=re.M)
+    recorded = [json.loads((run / "config.json").read_text())["command"] for run in recipe_runs.values()]
+    assert sorted(commands) == sorted(recorded) and len(commands) == 3
+    assert all("--img-size 16" in c and "--head ordinal" in c for c in commands)
+    assert sum("--seed 1" in c for c in commands) == 1  # seed 0 is the default: not spelled out
 
 
 def test_results_refuses_what_it_cannot_use(recipe_runs, tmp_path):

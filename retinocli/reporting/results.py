@@ -36,7 +36,7 @@ class RunResult:
     head: str
     seed: int
     command: str
-    group: str  # the command without --seed, --name and --project
+    group: str  # the options that change what is trained, as a command (NOT_TRAINED left out)
     epochs: int
     best_epoch: int | None
     train_seconds: float
@@ -62,12 +62,18 @@ def machine_of(versions: dict[str, Any]) -> str:
     return f"{versions.get('device', '?')}, {cpus} cores{where}" if cpus else f"{versions.get('device', '?')}{where}"
 
 
-def _group_command(config: dict[str, Any]) -> str:
+#: config.json keys that hold the value training resolved (amp on CUDA...) rather than the one given
+RESOLVED = ("amp", "channels_last", "workers")
+#: ... and those that do not change what is trained: runs differing only in these share a group
+NOT_TRAINED = (*RESOLVED, "seed", "name", "project", "recipe")
+
+
+def _options(config: dict[str, Any], reset: Sequence[str]):
     from retinocli.config import TrainConfig
 
-    known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-    base = TrainConfig.from_dict({**known, "seed": 0, "name": "train", "project": "runs", "recipe": None})
-    return base.command_line()
+    fields = TrainConfig.__dataclass_fields__
+    known = {k: v for k, v in config.items() if k in fields and k not in reset}
+    return TrainConfig.from_dict(known)
 
 
 def load_run(path: str | Path) -> RunResult:
@@ -76,7 +82,6 @@ def load_run(path: str | Path) -> RunResult:
     Raises:
         RetinoError: not a run folder, no metrics.json, or metrics of another split.
     """
-    from retinocli.config import TrainConfig
     from retinocli.rundir import RunDir, read_json
 
     run = RunDir(path)
@@ -90,15 +95,16 @@ def load_run(path: str | Path) -> RunResult:
         raise RetinoError(f"{run.metrics()}: measured on the {report.get('split')!r} split; RESULTS.md holds "
                           f"validation numbers only: `retino evaluate {run.path} --split val --force`")
     history = run.read_history()
-    known = {k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__}
-    command = config.get("command") or TrainConfig.from_dict(known).command_line()
+    # the command recorded when it trained; runs from before that record: rebuilt from the options
+    command = config.get("command") or _options(config, RESOLVED).command_line()
     values = {header: _dig(report, where) for header, where in IMAGE_METRICS}
     if "patients" in report:  # evaluate's patient section (its referable AUC needs --bootstrap > 0)
         values.update({header: _dig(report, where) for header, where in PATIENT_METRICS})
     best = report.get("epoch")
     return RunResult(run=str(run.path), dataset=Path(str(config.get("data", "?"))).name, recipe=config.get("recipe"),
                      head=str(config.get("head", "classification")), seed=int(config.get("seed", 0)),
-                     command=command, group=_group_command(config), epochs=int(len(history)),
+                     command=command, group=_options(config, NOT_TRAINED).command_line(),
+                     epochs=int(len(history)),
                      best_epoch=int(best) if isinstance(best, int) else None,
                      train_seconds=float(history["seconds"].sum()) if len(history) else 0.0,
                      machine=machine_of(config.get("versions", {})),
@@ -180,10 +186,12 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
                                *(_number(r.metrics.get(h, math.nan)) for h in metrics), _number(r.last_qwk),
                                _minutes(r.train_seconds)]))
     lines += ["", "## Commands", "",
-              "Each group's runs differ only in `--seed` (and their `--name`); the recipe file, where one was "
-              "given, is spelled out as options.", ""]
+              "Each run's `retino train` command as config.json recorded it, a recipe file's values spelled "
+              "out as options; a group's runs differ only in `--seed`, `--name` and where they ran "
+              "(`--project`, `--workers`).", ""]
     for i, g in enumerate(groups, 1):
-        lines += [f"{i}. {_recipe_label(g)}, {g[0].head} head:", "", "   ```", f"   {g[0].group} --seed S", "   ```", ""]
+        lines += [f"{i}. {_recipe_label(g)}, {g[0].head} head:", "", "   ```",
+                  *(f"   {r.command}" for r in g), "   ```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
