@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -24,6 +25,10 @@ CHOICES = {
     "head": ("classification", "regression", "ordinal"),  # issue #14
     "pool": ("avg", "gem"),
 }
+
+
+#: TrainConfig fields that record where options came from rather than being options
+NOT_OPTIONS = frozenset({"recipe"})
 
 
 @dataclass
@@ -77,6 +82,7 @@ class TrainConfig:
     target_sensitivity: float = 0.87  # issue #15: the referral threshold frozen on validation reaches it
     project: str = "runs"
     name: str = "train"
+    recipe: str | None = None  # the --config file the options came from: recorded, not an option
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -140,7 +146,25 @@ class TrainConfig:
         Raises:
             RetinoError: unreadable file, not a table, or a key that is no train option.
         """
-        return read_config_file(path, {f.name for f in dataclasses.fields(cls)})
+        return read_config_file(path, {f.name for f in dataclasses.fields(cls)} - NOT_OPTIONS)
+
+    def command_line(self) -> str:
+        """An equivalent ``retino train`` command: the options that differ from the defaults.
+
+        Written into config.json when training starts (RESULTS.md quotes it), so it stays true
+        when a later version changes a default. The recipe file is not named: its values are.
+        """
+        words = ["retino", "train"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in NOT_OPTIONS or value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else flag.replace("--", "--no-", 1))
+            elif value is not None:
+                words += [flag, shlex.quote(str(value))]
+        return " ".join(words)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -342,6 +342,7 @@ def _train_config(ctx: typer.Context, config: Path | None):
     for key in ("data", "images"):  # paths as config.json keeps them
         values[key] = str(values[key]) if values[key] is not None else None
     if config is not None:
+        values["recipe"] = str(config)
         for key, value in TrainConfig.from_file(config).items():
             source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
             if getattr(source, "name", None) != "COMMANDLINE":
@@ -475,6 +476,22 @@ def report(
 
         display.render_study(result.study, console)
     console.print(f"Wrote {len(result.figures)} figure(s) and {result.markdown}")
+
+
+@app.command()
+def results(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, each evaluated with --split val.")],
+    out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("RESULTS.md"),
+    title: Annotated[str, typer.Option(help="Its heading.")] = "Results",
+    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+) -> None:
+    """RESULTS.md from runs: per-seed and mean ± sd validation numbers per recipe and head, with each
+    group's command, training time and machine."""
+    from retinocli.reporting.results import write_results
+
+    with user_errors():
+        path, rows = write_results(runs, out, force=force, title=title)
+    console.print(f"Wrote {path}: {len(rows)} run(s)", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -88,7 +88,10 @@ def versions(device: torch.device) -> dict:
 
     # str(): torch.__version__ is a TorchVersion, which the weights_only unpickler refuses
     out = {"retino": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-           "python": platform.python_version(), "device": str(device)}
+           "python": platform.python_version(), "device": str(device),
+           # the machine the wall times in history.csv were measured on (RESULTS.md quotes it)
+           "machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = str(torch.version.cuda)

@@ -301,7 +301,7 @@ class _Loop:
     def config_record(self) -> dict:
         """config.json: the settings and what they resolved to on this machine."""
         cfg, place, data = self.cfg, self.place, self.data
-        return {**cfg.to_dict(), "learning_rate": cfg.learning_rate, "small_stem": self.parts.small_stem,
+        return {**cfg.to_dict(), "command": cfg.command_line(), "learning_rate": cfg.learning_rate, "small_stem": self.parts.small_stem,
                 "parameters": sum(p.numel() for p in self.parts.core.parameters()), "amp": place.amp,
                 "amp_dtype": place.amp_name, "channels_last": place.channels_last, "workers": data.workers,
                 "world_size": place.world, "distributed": place.distributed, "versions": self.device_info,

@@ -148,8 +148,9 @@ def run_label(config: dict) -> str:
 
 
 #: config.json keys that name a run or record its machine, not how it trained (``pretrained``
-#: is said by ``weights``; ``parameters`` follows from ``arch``).
-NOT_SETTINGS = ("name", "project", "versions", "dataset", "parameters", "pretrained")
+#: is said by ``weights``; ``parameters`` follows from ``arch``; ``command`` restates the settings
+#: and ``recipe`` names the file they came from).
+NOT_SETTINGS = ("name", "project", "versions", "dataset", "parameters", "pretrained", "command", "recipe")
 
 def _settings(config: dict) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in NOT_SETTINGS}

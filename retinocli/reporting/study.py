@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 #: config.json keys that do not make two runs different recipes: the seed, how the run is named
 #: and where it was run (``workers`` changes no weight; ``versions`` and ``dataset`` record the
 #: machine and the resolved data folder, ``data`` says which data).
-NOT_RECIPE = ("seed", "name", "project", "workers", "versions", "dataset")
+NOT_RECIPE = ("seed", "name", "project", "workers", "versions", "dataset", "command", "recipe")
 #: The headline metrics summarised over seeds, in table order: the best epoch's validation
 #: metrics (history.csv) and, when evaluated, metrics.json's.
 METRIC_LABELS = {"val_accuracy": "val accuracy", "val_qwk": "val QWK", "accuracy": "accuracy",
