@@ -269,3 +269,20 @@ def test_what_differs_between_runs_in_the_table_the_json_and_the_cli(tmp_path):
     assert settings_that_differ({"x": {"arch": "r", "name": "x"}, "y": {"arch": "r", "name": "y"}}) == {}
     alone = write_report([a], tmp_path / "alone")
     assert alone.differences == {} and "differs from the others" not in alone.markdown.read_text()
+
+
+def test_evaluation_table_carries_evaluates_bootstrap_intervals(tmp_path):
+    run = make_run(tmp_path / "runs", "a", skill=3.0)
+    metrics_file = run / "metrics.json"
+    report = json.loads(metrics_file.read_text())
+    m = report["metrics"]
+    report["intervals"] = {"unit": "patient", "n_boot": 200, "seed": 7, "level": 0.95, "metrics": {
+        "accuracy": {"estimate": m["accuracy"], "low": 0.61234, "high": 0.78901},
+        "qwk": {"estimate": m["qwk"], "low": 0.40049, "high": 0.5}}}
+    metrics_file.write_text(json.dumps(report))
+    md = (write_report([run], tmp_path / "rep").markdown).read_text()
+    row = table(md, "## Evaluation")["a"]
+    assert row["accuracy"] == f"{100 * m['accuracy']:.1f} % [61.2 %–78.9 %]"
+    assert row["QWK"] == f"{m['qwk']:.3f} [0.400–0.500]"
+    assert row["macro F1"] == f"{m['macro_f1']:.3f}"  # not bootstrapped: no brackets
+    assert "the 95 % interval from 200 bootstrap resamples of patients (seed 7)" in md

@@ -61,10 +61,30 @@ def _test_row(run: RunSummary) -> list[Any]:
     assert run.metrics is not None
     m = run.metrics["metrics"]
     ref = m.get("referable") or {}
-    return [f"`{run.name}`", run.metrics.get("split", MISSING), m.get("n", MISSING), pct(m.get("accuracy")),
-            pct(m.get("majority_accuracy")), pct(m.get("balanced_accuracy")), num(m.get("macro_f1")),
-            num(m.get("qwk")), pct(ref.get("sensitivity")), pct(ref.get("specificity")), num(ref.get("auc")),
-            num(m.get("ovr_macro_auc"))]
+    bounds = ((run.metrics.get("intervals") or {}).get("metrics") or {})
+
+    def cell(value: Any, key: str, fmt) -> str:
+        """The value and, where evaluate bootstrapped it, its 95 % interval: ``0.512 [0.401–0.608]``."""
+        iv = bounds.get(key) or {}
+        if finite(iv.get("low")) and finite(iv.get("high")):
+            return f"{fmt(value)} [{fmt(iv['low'])}–{fmt(iv['high'])}]"
+        return fmt(value)
+
+    return [f"`{run.name}`", run.metrics.get("split", MISSING), m.get("n", MISSING),
+            cell(m.get("accuracy"), "accuracy", pct), pct(m.get("majority_accuracy")),
+            cell(m.get("balanced_accuracy"), "balanced_accuracy", pct), cell(m.get("macro_f1"), "macro_f1", num),
+            cell(m.get("qwk"), "qwk", num), cell(ref.get("sensitivity"), "referable_sensitivity", pct),
+            cell(ref.get("specificity"), "referable_specificity", pct), cell(ref.get("auc"), "referable_auc", num),
+            cell(m.get("ovr_macro_auc"), "ovr_macro_auc", num)]
+
+
+def _interval_note(runs: list[RunSummary]) -> list[str]:
+    """What the brackets in the evaluation table are, when any run has them."""
+    units = sorted({f"{iv['n_boot']:,} bootstrap resamples of {iv['unit']}s (seed {iv['seed']})"
+                    for r in runs if (iv := (r.metrics or {}).get("intervals")) and iv.get("n_boot")})
+    if not units:
+        return []
+    return [f"In brackets: the 95 % interval from {'; '.join(units)}, as `retino evaluate` computed it.", ""]
 
 
 def majority_warnings(runs: list[RunSummary]) -> list[str]:
@@ -125,6 +145,7 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
         lines += ["", "Majority baseline: the accuracy of answering the split's commonest grade for every image. "
                   "Referable DR: grade ≥ 2 (moderate or worse); OvR macro AUC averages each grade against the rest.",
                   ""]
+        lines += _interval_note(evaluated)
     else:
         lines += ["No run has been evaluated yet (no metrics.json): there is no test table, confusion matrix or "
                   "ROC curve. Run `retino evaluate` on a run folder, then report again.", ""]
