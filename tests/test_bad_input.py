@@ -201,7 +201,7 @@ OPTION_CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("resume-evaluate-predictions", ["--out", "{models}/evaluate-predictions.csv", "--resume"],
          "is not this model's predictions (unexpected true_grade): `retino evaluate` wrote it"),
         ("resume-old-predictions", ["--out", "{models}/old-predictions.csv", "--resume"],
-         "(missing image, predicted_grade; unexpected grade): an older retino wrote it"),
+         "(missing image, predicted_grade, referable; unexpected grade): an older retino wrote it"),
         ("no-such-folder", ["{work}/missing"], "no such folder"),
         ("folder-without-images", ["{models}/empty-folder"], "no images (.jpeg, .jpg"),
         ("file-not-an-image", ["{models}/text.pt"], "is neither a folder nor an image file"),

@@ -427,7 +427,7 @@ class _Loop:
     def result(self) -> RunResult:
         data, best = self.data, self.best
         failures = data.train_set.failures + data.val_set.failures  # paths are known only without worker processes
-        notes, warnings = list(self.freeze_notes), []
+        notes, warnings = [], []
         if best:
             grade, bar_acc = metrics.majority_baseline(np.asarray(data.val_grades))
             if best["accuracy"] <= bar_acc + 0.01:
@@ -437,6 +437,7 @@ class _Loop:
         if self.unreadable:
             example = f", e.g. {failures[0][1]}" if failures else ""  # the reason names the file
             notes.append(f"{self.unreadable} image(s) per epoch could not be read and were skipped{example}")
+        notes += self.freeze_notes  # after the unreadable images: what training could not freeze (#15)
         return RunResult(run_dir=self.run.path, epochs_done=len(self.history), best_epoch=self.best_epoch,
                          best_metrics=best or {}, history=self.history, stopped=self.stopped, notes=notes,
                          interrupted=self.interrupted, warnings=warnings,
