@@ -114,7 +114,13 @@ def train(
 
     if seeds is not None:
         _show_seeds(study, json_out)
-        return
+    else:
+        _show_run(result, json_out)
+
+
+def _show_run(result, json_out: bool) -> None:
+    """One run's summary (or JSON), exit 130 if it was interrupted, and the next command."""
+    from retinocli.reporting import render as display
 
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
@@ -125,7 +131,8 @@ def train(
     else:
         display.render_training(result, common.console)
     if result.interrupted:  # 130, as a shell reports Ctrl-C, so `set -e` scripts stop here
-        common.err_console.print(f"[bold red]interrupted:[/] {escape(result.stopped)}", highlight=False, soft_wrap=True)
+        common.err_console.print(f"[bold red]interrupted:[/] {escape(result.stopped)}", highlight=False,
+                                 soft_wrap=True)
         raise typer.Exit(130)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     if not json_out and result.best_epoch and "evaluate" in commands:
