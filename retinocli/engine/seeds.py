@@ -32,8 +32,8 @@ from retinocli.rundir import RunDir
 #: that continues it: they change no weight (``workers``: batched augmentation and the epoch
 #: sampler draw from the seed, not from the loader processes).
 NOT_RECIPE = ("workers",)
-#: Settings whose None (auto) config.json records as what it resolved to (on, off).
-RESOLVED = ("amp", "channels_last")
+#: Settings whose automatic value (None, or "auto") config.json records as what it resolved to.
+RESOLVED = {"amp": None, "channels_last": None, "augment_on": "auto"}
 #: What a seed's folder holds, as :func:`seed_state` sees it.
 NEW, EMPTY, PARTIAL, FINISHED = "new", "empty", "partial", "finished"
 
@@ -74,7 +74,7 @@ def _differences(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
         return [f"an unreadable config ({exc})"]
     here = wanted.to_dict()
     return [f"{k} {there.get(k)!r} there, {v!r} here" for k, v in here.items()
-            if k not in NOT_RECIPE and there.get(k) != v and not (k in RESOLVED and v is None)]
+            if k not in NOT_RECIPE and there.get(k) != v and not (k in RESOLVED and v == RESOLVED[k])]
 
 
 def _best_index(history, metric: str) -> int | None:

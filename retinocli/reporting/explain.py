@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from retinocli.errors import RetinoError
+from retinocli.models.grading import Grader
 from retinocli.events import EventsLike, emitter
 
 # --method name -> torchcam.methods class. Each works on any torchvision ResNet and accepts a
@@ -210,6 +211,8 @@ def explain(
     if grade is not None and not 0 <= grade < len(names):
         raise RetinoError(f"--grade must be from 0 to {len(names) - 1}, got {grade}")
     pre = Preprocess.from_dict(state["preprocess"])
+    # the probabilities evaluate and predict give: the stored grader (head, temperature) on the logits
+    grading = Grader.from_dict({"num_grades": len(names), **(state.get("grader") or {})})
     dev = pick_device(device)
     net.to(dev)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,8 @@ def explain(
                                                            input_shape=(3, pre.size, pre.size))
     with extractor:
         for path, stem in zip(paths, _names(paths)):
-            explanation, shape = _explain_one(net, extractor, path, out / f"{stem}.png", pre, dev, grade, names)
+            explanation, shape = _explain_one(net, extractor, path, out / f"{stem}.png", pre, dev, grade, names,
+                                              grading)
             explanations.append(explanation)
             cells = shape or cells
             say.advanced(TASK)
@@ -248,7 +252,7 @@ def explain(
 
 
 def _explain_one(net, extractor, path: Path, target_file: Path, pre, dev, grade: int | None,
-                 names: list[str]) -> tuple[Explanation, int | None]:
+                 names: list[str], grading: Grader) -> tuple[Explanation, int | None]:
     """One image's overlay, written to ``target_file``, and the heatmap's side in cells (None: unreadable)."""
     import torch
     from PIL import Image
@@ -262,8 +266,8 @@ def _explain_one(net, extractor, path: Path, target_file: Path, pre, dev, grade:
     x = torch.from_numpy(normalize(pixels, pre))[None].to(dev)
     with torch.enable_grad():
         logits = net(x)
-        probs = torch.softmax(logits.detach().float(), 1)[0].cpu().numpy()
-        predicted = int(probs.argmax())
+        probs = grading.probabilities(logits.detach().float().cpu().numpy())[0]
+        predicted = int(grading.grades(probs[None])[0])
         target = predicted if grade is None else grade
         cam = extractor(targets=grade_target(target), scores=logits)[0]
     heat = torch.nn.functional.interpolate(cam[None].float(), size=(pre.size, pre.size),
