@@ -173,43 +173,71 @@ def shift_hue(u: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return rgb.mul_(255.999).floor_()  # float -> uint8 as torchvision's to_dtype
 
 
-def jitter(u: torch.Tensor, p: dict[str, torch.Tensor], active: tuple[bool, bool, bool, bool]) -> torch.Tensor:
+@dataclass
+class ColourPlan:
+    """What :func:`jitter` does at each of the four positions of the per-image colour order,
+    worked out on the CPU from the batch's parameters so that the device never has to answer
+    a question (each ``bool(gpu_tensor)`` would stall the host until the GPU caught up).
+
+    ``coefs[j]`` holds, per image, alpha (its own pixels), beta (its grey) and the weight of its
+    mean grey at position ``j``: brightness ``b u``, contrast ``c u + (1 - c) mean(grey)`` and
+    saturation ``s u + (1 - s) grey`` are all that form; an image that does something else there
+    has alpha 1 and the rest 0. ``hue_index[j, :k]`` are the ``k = steps[j][2]`` images whose hue
+    turns at ``j``, by ``turns[j, :k]``. ``steps[j]`` = (any linear op, any grey blend, k).
+    """
+
+    coefs: torch.Tensor  # (4, 3, N)
+    turns: torch.Tensor  # (4, N)
+    hue_index: torch.Tensor  # (4, N) long
+    steps: list[tuple[bool, bool, int]]
+
+
+def colour_plan(p: dict[str, torch.Tensor], active: tuple[bool, bool, bool, bool]) -> ColourPlan:
+    """The :class:`ColourPlan` of one batch from its (CPU) parameters."""
+    order = p["order"]
+    n = len(order)
+    factors = torch.stack([p[name] for name in COLOUR_OPS], 1).float()  # (N, 4)
+    used = torch.tensor(active)
+    coefs, turns = torch.zeros(4, 3, n), torch.zeros(4, n)
+    hue_index = torch.zeros(4, n, dtype=torch.long)
+    steps = []
+    for j in range(4):
+        op = order[:, j]
+        on = used[op]
+        f = factors.gather(1, op.view(n, 1)).view(n)
+        linear = on & (op < 3)
+        coefs[j, 0] = torch.where(linear, f, torch.ones_like(f))
+        coefs[j, 1] = torch.where(linear & (op == 2), 1 - f, torch.zeros_like(f))
+        coefs[j, 2] = torch.where(linear & (op == 1), 1 - f, torch.zeros_like(f))
+        idx = (on & (op == 3)).nonzero().view(-1)
+        hue_index[j, : len(idx)], turns[j, : len(idx)] = idx, f[idx]
+        steps.append((bool(linear.any()), bool((linear & (op >= 1)).any()), len(idx)))
+    return ColourPlan(coefs, turns, hue_index, steps)
+
+
+def jitter(u: torch.Tensor, plan: ColourPlan) -> torch.Tensor:
     """torchvision's ``ColorJitter`` on uint8 values (float NCHW in [0, 255]), whole batch at once.
 
-    One pass per position of the per-image order: brightness ``b u``, contrast
-    ``c u + (1 - c) mean(grey)`` and saturation ``s u + (1 - s) grey`` are all
-    ``alpha u + beta grey + gamma``, so the images that brighten, contrast or saturate at that
-    position share one expression; the ones whose hue turns there go through HSV. Each pass
-    is clamped and truncated to uint8 like torchvision's ``_blend``. ``active`` says which
-    operations the preset uses (a zero range is skipped, as ``ColorJitter`` skips it).
+    One pass per position of the per-image order (:class:`ColourPlan`): the images that
+    brighten, contrast or saturate at that position share one expression ``alpha u + beta grey
+    + gamma``; the ones whose hue turns there go through HSV. Each pass is clamped and
+    truncated to uint8 like torchvision's ``_blend``. ``plan``'s tensors are on ``u``'s device.
     Works in place on ``u``.
     """
     n = u.shape[0]
-    factors = torch.stack([p[name] for name in COLOUR_OPS], 1).to(u.dtype)  # (N, 4)
-    used = torch.tensor(active, device=u.device)
-    for j in range(4):
-        op = p["order"][:, j]
-        on = used[op]
-        if not bool(on.any()):
-            continue
-        f = factors.gather(1, op.view(n, 1)).view(n)
-        linear = on & (op < 3)
-        if bool(linear.any()):
-            one, zero = torch.ones_like(f), torch.zeros_like(f)
-            alpha = torch.where(linear, f, one).view(n, 1, 1, 1)
-            beta = torch.where(linear & (op == 2), 1 - f, zero).view(n, 1, 1, 1)
-            blend = linear & (op >= 1)  # contrast and saturation blend with grey; brightness does not
-            if bool(blend.any()):
+    for j, (linear, blend, k) in enumerate(plan.steps):
+        if linear:
+            alpha, beta, weight = (c.view(n, 1, 1, 1) for c in plan.coefs[j])
+            if blend:
                 g = grey(u)  # (N, 1, H, W): a third of the image's bytes, so the blend is built on it
-                gamma = torch.where(linear & (op == 1), (1 - f) * g.mean((1, 2, 3)), zero).view(n, 1, 1, 1)
+                gamma = weight * g.mean((1, 2, 3), keepdim=True)
                 u = u.mul_(alpha).add_(g.mul_(beta).add_(gamma))
             else:
                 u = u.mul_(alpha)
             u = u.clamp_(0, 255).floor_()
-        turn = on & (op == 3)
-        if bool(turn.any()):
-            idx = turn.nonzero().view(-1)
-            u = u.index_copy(0, idx, shift_hue(u.index_select(0, idx), f.index_select(0, idx)))
+        if k:
+            idx = plan.hue_index[j, :k]
+            u = u.index_copy(0, idx, shift_hue(u.index_select(0, idx), plan.turns[j, :k]))
     return u
 
 
@@ -245,7 +273,19 @@ class BatchAugment:
         """The preset with the given parameters on float NCHW in [0, 255]; returns the same scale."""
         assert self.preset is not None
         pr = self.preset
-        p = {k: v.to(u.device, non_blocking=True) for k, v in whole_pixel_shifts(params, u.shape[-1]).items()}
-        u = warp(u, affine_theta(p))
+        n = len(u)
+        theta = affine_theta(whole_pixel_shifts(params, u.shape[-1])).float()  # on the CPU, as the plan
         active = (pr.brightness > 0, pr.contrast > 0, pr.saturation > 0, pr.hue > 0)
-        return jitter(u, p, active) if any(active) else u
+        plan = colour_plan(params, active) if any(active) else None
+        # everything per image in one host-to-device copy (pinned on CUDA, so it does not stall)
+        parts = [theta.reshape(-1)] + ([plan.coefs.reshape(-1), plan.turns.reshape(-1),
+                                        plan.hue_index.reshape(-1).float()] if plan else [])
+        packed = torch.cat(parts)
+        if u.device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(u.device, non_blocking=True)
+        u = warp(u, packed[: 6 * n].view(n, 2, 3))
+        if plan is None:
+            return u
+        coefs, turns, index = packed[6 * n:].split([12 * n, 4 * n, 4 * n])
+        return jitter(u, ColourPlan(coefs.view(4, 3, n), turns.view(4, n), index.view(4, n).long(), plan.steps))

@@ -128,6 +128,13 @@ class JpegBatch:
 
         if not data:
             return []
+        if device.type == "cuda":
+            # nvJPEG's hardware engine writes its outputs without waiting for the work queued on
+            # the stream, and the caching allocator hands it blocks that queued kernels may still
+            # be reading (freed earlier in the step): without this barrier the model's own
+            # tensors were overwritten and training went to NaN within 20 steps on an H100.
+            # pytorch/vision#9606, meta-pytorch/torchcodec#1634.
+            torch.cuda.current_stream(device).synchronize()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
             try:
@@ -138,7 +145,10 @@ class JpegBatch:
                     try:
                         out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
                     except RuntimeError:
-                        out.append(None)
+                        try:  # libjpeg on the CPU accepts some files nvJPEG refuses
+                            out.append(decode_jpeg(d.cpu(), mode=ImageReadMode.RGB).to(device))
+                        except RuntimeError:
+                            out.append(None)
                 return out
 
 
