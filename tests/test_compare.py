@@ -127,3 +127,22 @@ def test_compare_seeds_trains_each_cell_per_seed_and_reports_their_mean_sd(tiny_
     again = runner.invoke(app, [*args, "--json"])  # resumes: nothing left to train
     assert again.exit_code == 0, again.output
     assert [d.split(":")[1].strip() for d in json.loads(again.stdout)["done"]] == ["trained earlier (1 epochs)"] * 2
+
+
+def test_compare_takes_a_train_recipe_every_cell_shares(tiny_data, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('head = "ordinal"\nema = 0.9\nepochs = 3\nimg-size = 32\nname = "the-recipes-own"\n')
+    args = ["compare", "--data", str(tiny_data), "--arch", "resnet18", "--pretrained", "no", "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--augment", "none", "--split", "val",
+            "--project", str(tmp_path / "runs"), "--config", str(recipe), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "runs" / "compare" / "resnet18-scratch" / "config.json").read_text())
+    # the recipe's settings reach the cell; the command line wins where it names the option (--epochs)
+    assert (cfg["head"], cfg["ema"], cfg["img_size"], cfg["epochs"]) == ("ordinal", 0.9, 32, 1)
+    assert cfg["recipe"] == str(recipe) and not (tmp_path / "runs" / "the-recipes-own").exists()
+
+    recipe.write_text('arch = "resnet50"\n')
+    refused = runner.invoke(app, [*args[:-1], "--name", "other"])
+    assert refused.exit_code == 2 and "error:" in refused.output and "'arch' is set by compare's grid" in refused.output
+    assert not (tmp_path / "runs" / "other").exists()

@@ -89,7 +89,7 @@ def test_resume_gives_the_same_weights(synth_data, tmp_path):
             raise KeyboardInterrupt
 
     cut = train(cfg(synth_data, tmp_path, name="cut", **settings), on_epoch_end=interrupt)
-    assert cut.stopped.startswith("interrupted") and cut.epochs_done == 1
+    assert cut.stop == "interrupted" and cut.stopped.startswith("interrupted") and cut.epochs_done == 1
     assert load_checkpoint(cut.run_dir / "last.pt")["epoch"] == 1
     resumed = train(resume=cut.run_dir)
     assert resumed.run_dir == cut.run_dir and resumed.epochs_done == 3
@@ -147,7 +147,7 @@ def test_two_stage_thaws_the_backbone(synth_data, tmp_path, torch_home):
 
 def test_nan_loss_stops_cleanly(synth_data, tmp_path):
     result = train(cfg(synth_data, tmp_path, lr=1e30, epochs=2))
-    assert "loss became nan" in result.stopped
+    assert result.stop == "diverged" and "loss became nan" in result.stopped
     assert not (result.run_dir / "last.pt").exists() or load_checkpoint(result.run_dir / "last.pt")
 
 
@@ -222,7 +222,7 @@ def test_a_broken_image_does_not_stop_training(synth_data, tmp_path):
     victims[0].write_bytes(b"")
     victims[1].write_bytes(victims[2].read_bytes()[:200])
     result = train(cfg(data, tmp_path, epochs=1))
-    assert result.stopped == "completed" and result.epochs_done == 1
+    assert result.stop == "completed" and result.stopped == "completed" and result.epochs_done == 1
     assert result.notes and result.notes[0].startswith("2 image(s) per epoch could not be read")
 
 

@@ -15,11 +15,32 @@ from retinocli.errors import RetinoError
 from retinocli.cli import common
 from retinocli.cli.common import ImagesOpt, LayoutOpt, app, print_differences, user_errors
 
+# Options train and compare share, declared once (compare's defaults may differ, its help does not).
+DataOpt = Annotated[Path, typer.Option(help="Dataset folder (any layout retino stats reads).")]
+ModeOpt = Annotated[str, typer.Option(help="finetune (all layers), linear (frozen backbone), "
+                                           "two-stage (head first, then all).")]
+ImgSizeOpt = Annotated[int, typer.Option(help="Square input size in pixels.")]
+PreprocessOpt = Annotated[str, typer.Option(help="none, crop (to the fundus circle), graham "
+                                                 "(crop + Ben Graham's local-colour subtraction).")]
+AugmentOpt = Annotated[str, typer.Option(help="none, light, strong.")]
+ClassWeightsOpt = Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 from scratch, "
+                                                     "3e-4 pretrained).")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per step (per GPU under torchrun).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for weights, split and augmentation.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Data-loading processes (default min(8, cores)).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="TOML file of train options (keys as option "
+                                                        "names); options given here override it.")]
+ProjectOpt = Annotated[str, typer.Option(help="Parent folder of runs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")]
+
 
 @app.command()
 def train(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="Dataset folder (any layout retino stats reads).")] = Path("data"),
+    data: DataOpt = Path("data"),
     layout: LayoutOpt = None,
     images: ImagesOpt = None,
     arch: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50, resnet101, resnet152, "
@@ -28,15 +49,13 @@ def train(
                                              help="Start from ImageNet weights (DEFAULT unless --weights).")] = False,
     weights: Annotated[Optional[str], typer.Option(
         help="IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, or a .pth state dict; implies --pretrained.")] = None,
-    mode: Annotated[str, typer.Option(help="finetune (all layers), linear (frozen backbone), "
-                                           "two-stage (head first, then all).")] = "finetune",
+    mode: ModeOpt = "finetune",
     head_epochs: Annotated[int, typer.Option(help="two-stage: epochs with the backbone frozen.")] = 1,
     stem: Annotated[str, typer.Option(help="auto, imagenet, small (3x3 stride-1 stem for tiny images; "
                                            "auto picks it at <= 32 px from scratch).")] = "auto",
-    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 512,
-    preprocess: Annotated[str, typer.Option(help="none, crop (to the fundus circle), graham "
-                                                 "(crop + Ben Graham's local-colour subtraction).")] = "none",
-    augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
+    img_size: ImgSizeOpt = 512,
+    preprocess: PreprocessOpt = "none",
+    augment: AugmentOpt = "light",
     augment_on: Annotated[str, typer.Option(help="auto (device on CUDA, else workers), workers (per image "
                                                  "in the loader processes) or device (batched on the "
                                                  "training device, the same images: far faster on a "
@@ -46,30 +65,29 @@ def train(
                                              "and --preprocess none).")] = "cpu",
     val_fraction: Annotated[float, typer.Option(help="Share of training patients carved into validation "
                                                      "when the dataset has no val split.")] = 0.1,
-    class_weights: Annotated[str, typer.Option(help="Loss weights: none, balanced, sqrt.")] = "none",
+    class_weights: ClassWeightsOpt = "none",
     sampler: Annotated[str, typer.Option(help="uniform or balanced (every grade equally often).")] = "uniform",
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 1e-3 from scratch, "
-                                                     "3e-4 pretrained).")] = None,
+    lr: LrOpt = None,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norms).")] = 0.05,
     scheduler: Annotated[str, typer.Option(help="cosine, step or none.")] = "cosine",
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.")] = 1.0,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Images per step (per GPU under torchrun).")] = 64,
+    epochs: EpochsOpt = 20,
+    batch_size: BatchSizeOpt = 64,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed for weights, split and augmentation.")] = 0,
+    seed: SeedOpt = 0,
     seeds: Annotated[Optional[str], typer.Option(help="Train once per seed, e.g. 0,1,2: runs NAME-s0, NAME-s1, "
                                                       "...; the same command again skips finished seeds and "
                                                       "resumes a cut one.")] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Bit-reproducible kernels.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    device: DeviceOpt = "auto",
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision (default on CUDA: "
                                                 "bf16, or fp16 with a grad scaler).")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                           help="NHWC memory format (default on CUDA).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes (default min(8, cores)).")] = None,
+    workers: WorkersOpt = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better "
                                                          "--select-metric.")] = None,
     select_metric: Annotated[str, typer.Option(help="What picks best.pt: qwk, accuracy, loss.")] = "qwk",
@@ -83,14 +101,13 @@ def train(
     cutmix: Annotated[float, typer.Option(help="CutMix Beta alpha (0: off; e.g. 1.0).")] = 0.0,
     target_sensitivity: Annotated[float, typer.Option(help="Referable-DR sensitivity the referral threshold is "
                                                            "frozen for on validation.")] = 0.87,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of train options (keys as option "
-                                                        "names); options given here override it.")] = None,
-    project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
+    config: ConfigOpt = None,
+    project: ProjectOpt = "runs",
     name: Annotated[str, typer.Option(help="Run name; taken names get a number (train2, train3).")] = "train",
     force: Annotated[bool, typer.Option("--force", help="Reuse runs/NAME even if it exists.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder where it stopped.")] = None,
     list_archs: Annotated[bool, typer.Option("--list-archs", help="List architectures and exit.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Train a ResNet grader (pretrained or from scratch); writes runs/NAME with checkpoints and history."""
     with user_errors():
@@ -125,7 +142,7 @@ def _show_run(result, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(json.dumps({"run_dir": str(result.run_dir), "epochs": result.epochs_done,
                                      "best_epoch": result.best_epoch, "best": result.best_metrics,
-                                     "stopped": result.stopped, "notes": result.notes,
+                                     "stop": result.stop, "stopped": result.stopped, "notes": result.notes,
                                      "warnings": result.warnings, "interrupted": result.interrupted,
                                      "history": result.history}, indent=2) + "\n")
     else:
@@ -144,18 +161,30 @@ def _show_run(result, json_out: bool) -> None:
 NOT_TRAIN_SETTINGS = ("seeds", "config", "force", "resume", "list_archs", "json_out")
 
 
-def _train_config(ctx: typer.Context, config: Path | None):
-    """The run's settings: every option of ``retino train`` that is one, and the values of the
-    ``--config`` file where the command line did not name the option."""
+# compare's options that are not settings of its runs' TrainConfig, and the recipe keys the grid sets
+COMPARE_ONLY = ("arch", "pretrained", "seeds", "config", "split", "tta", "force", "json_out")
+GRID_KEYS = ("arch", "pretrained", "weights")
+
+
+def _train_config(ctx: typer.Context, config: Path | None, not_settings: tuple[str, ...] = NOT_TRAIN_SETTINGS):
+    """The run's settings: every option of the command that is one (all of ``retino train``'s but
+    ``not_settings``), and the values of the ``--config`` file where the command line did not name
+    the option. For ``compare`` the recipe's arch and weights are refused (the grid sets them) and
+    its name is not used (``--name`` names the comparison, the grid its runs)."""
     from retinocli.config import TrainConfig
     from retinocli.models.registry import check_arch
 
-    values = {k: v for k, v in ctx.params.items() if k not in NOT_TRAIN_SETTINGS}
+    values = {k: v for k, v in ctx.params.items() if k not in not_settings}
     for key in ("data", "images"):  # paths as config.json keeps them
         values[key] = str(values[key]) if values[key] is not None else None
     if config is not None:
         values["recipe"] = str(config)
         for key, value in TrainConfig.from_file(config).items():
+            if not_settings is COMPARE_ONLY and key in GRID_KEYS:
+                raise RetinoError(f"--config {config}: {key!r} is set by compare's grid (--arch, --pretrained), "
+                                  f"not by the recipe; remove it from the file")
+            if not_settings is COMPARE_ONLY and key == "name":
+                continue
             source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
             if getattr(source, "name", None) != "COMMANDLINE":
                 values[key] = value
@@ -193,35 +222,37 @@ def _show_seeds(study, json_out: bool) -> None:
 @app.command()
 def compare(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Option(help="Dataset folder (any layout).")] = Path("data"),
+    data: DataOpt = Path("data"),
     layout: LayoutOpt = None,
     images: ImagesOpt = None,
     arch: Annotated[Optional[list[str]], typer.Option(help="Architecture; repeat for several.")] = None,
     pretrained: Annotated[str, typer.Option(help="yes, no or both (ImageNet weights and scratch).")] = "both",
-    mode: Annotated[str, typer.Option(help="finetune, linear, two-stage.")] = "finetune",
-    img_size: Annotated[int, typer.Option(help="Square input size in pixels.")] = 512,
-    preprocess: Annotated[str, typer.Option(help="none, crop, graham.")] = "none",
-    augment: Annotated[str, typer.Option(help="none, light, strong.")] = "light",
-    epochs: Annotated[int, typer.Option(help="Epochs per run.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default by weights).")] = None,
-    class_weights: Annotated[str, typer.Option(help="none, balanced, sqrt.")] = "none",
-    seed: Annotated[int, typer.Option(help="Seed shared by every run.")] = 0,
+    mode: ModeOpt = "finetune",
+    img_size: ImgSizeOpt = 512,
+    preprocess: PreprocessOpt = "none",
+    augment: AugmentOpt = "light",
+    epochs: EpochsOpt = 10,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = None,
+    class_weights: ClassWeightsOpt = "none",
+    seed: SeedOpt = 0,
     seeds: Annotated[Optional[str], typer.Option(help="Train every cell once per seed, e.g. 0,1,2 (runs "
                                                       "CELL-s0, ...): the report gives mean ± sd and paired "
                                                       "comparisons.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of train options every cell shares (a "
+                                                        "recipe: head, EMA, ...); options given here override "
+                                                        "it, the grid sets arch and weights.")] = None,
     split: Annotated[str, typer.Option(help="Split each run is evaluated on.")] = "test",
     tta: Annotated[bool, typer.Option("--tta", help="Evaluate with test-time augmentation.")] = False,
-    project: Annotated[str, typer.Option(help="Parent folder of runs.")] = "runs",
+    project: ProjectOpt = "runs",
     name: Annotated[str, typer.Option(help="Folder of this comparison under --project.")] = "compare",
     force: Annotated[bool, typer.Option("--force", help="Start the comparison again from scratch.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Train every arch with and without ImageNet weights, evaluate each, write one report (resumable)."""
     from retinocli.reporting.compare import compare as run_compare
-    from retinocli.config import TrainConfig
     from retinocli.reporting import render as display
 
     with user_errors():
@@ -229,10 +260,7 @@ def compare(
             from retinocli.engine.seeds import parse_seeds
 
             _check_seeds(ctx, seeds, None)
-        base = TrainConfig(data=str(data), layout=layout, images=str(images) if images else None, mode=mode,
-                           img_size=img_size, preprocess=preprocess, augment=augment, epochs=epochs,
-                           batch_size=batch_size, lr=lr, class_weights=class_weights, seed=seed, device=device,
-                           workers=workers, project=project, name=name)
+        base = _train_config(ctx, config, not_settings=COMPARE_ONLY)
         with display.event_bars(common.err_console if json_out else common.console, "img") as events:
             result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split,
                                  tta=tta, force=force, events=events,

@@ -45,6 +45,9 @@ class StopTraining(Exception):
     """Raised inside the loop to end training early with a message (NaN loss)."""
 
 
+STOP_REASONS = ("completed", "patience", "diverged", "interrupted")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -52,7 +55,8 @@ class RunResult:
     best_epoch: int | None
     best_metrics: dict
     history: list[dict]
-    stopped: str = "completed"
+    stop: str = "completed"  # why it ended: one of STOP_REASONS
+    stopped: str = "completed"  # the same for a person: what happened and what to do next
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: the CLI exits 130 so scripts stop too
     warnings: list[str] = field(default_factory=list)
@@ -295,7 +299,7 @@ class _Loop:
         self.epoch = self.start_epoch
         self.unreadable = 0  # images per epoch that could not be decoded (counted in any worker)
         self.freeze_notes: list[str] = []  # what the last epoch could not freeze on validation (#15)
-        self.stopped = "completed"
+        self.stop, self.stopped = "completed", "completed"
         self.interrupted = False
 
     def config_record(self) -> dict:
@@ -342,12 +346,14 @@ class _Loop:
                 if on_epoch_end is not None:
                     on_epoch_end(self.epoch + 1, row)
                 if cfg.patience and self.best_epoch is not None and self.epoch + 1 - self.best_epoch >= cfg.patience:
+                    self.stop = "patience"
                     self.stopped = f"early stop: no better val {cfg.select_metric} for {cfg.patience} epochs"
                     break
         except StopTraining as exc:
+            self.stop = "diverged"
             self.stopped = f"{exc}; stopped, {RunDir.LAST} and {RunDir.BEST} keep the last good epoch ({self.epoch})"
         except KeyboardInterrupt:
-            self.interrupted = True
+            self.interrupted, self.stop = True, "interrupted"
             if self.history:
                 self.stopped = (f"interrupted during epoch {self.epoch + 1}; {RunDir.LAST} holds epoch "
                                 f"{len(self.history)}; continue with: retino train --resume {run.path}")
@@ -439,6 +445,6 @@ class _Loop:
             notes.append(f"{self.unreadable} image(s) per epoch could not be read and were skipped{example}")
         notes += self.freeze_notes  # after the unreadable images: what training could not freeze (#15)
         return RunResult(run_dir=self.run.path, epochs_done=len(self.history), best_epoch=self.best_epoch,
-                         best_metrics=best or {}, history=self.history, stopped=self.stopped, notes=notes,
+                         best_metrics=best or {}, history=self.history, stop=self.stop, stopped=self.stopped, notes=notes,
                          interrupted=self.interrupted, warnings=warnings,
                          evaluate_split="test" if (data.records["split"] == "test").any() else "val")

@@ -154,7 +154,7 @@ def compare(base: TrainConfig, archs: list[str], *, pretrained: str = "both", sp
             hook = (lambda e, row, name=cell.name: on_epoch_end(name, e, row)) if on_epoch_end else None
             result = train(None if epochs else cfg, resume=run if epochs else None, force=True, events=events,
                            on_epoch_end=hook)
-            if result.stopped.startswith("interrupted"):
+            if result.stop == "interrupted":
                 raise KeyboardInterrupt
             done.append(f"{cell.name}: {'resumed at epoch ' + str(epochs) if epochs else 'trained'}, {result.stopped}")
         runs.append(run)

@@ -249,7 +249,7 @@ def render_training(result, console: Console) -> None:
         console.print(f"[yellow]note:[/] {note}")
     for warning in result.warnings:
         console.print(f"[bold red]warning:[/] {escape(warning)}", soft_wrap=True)
-    colour = "green" if result.stopped == "completed" else "yellow"
+    colour = "green" if result.stop == "completed" else "yellow"
     console.print(f"[{colour}]{escape(result.stopped)}[/]", soft_wrap=True)
     if result.best_epoch:
         b = result.best_metrics
