@@ -206,3 +206,73 @@ def read_config_file(path: str | Path, known: set[str]) -> dict[str, Any]:
             raise RetinoError(f"--config {path}: unknown key {key!r} (not a retino train option)")
         out[name] = value
     return out
+
+
+def from_options(cls, params: dict[str, Any], **more: Any):
+    """``cls`` (a command's config dataclass) from a command's parsed options: the fields it
+    has, the rest (the model argument, ``--json``) left to the command. ``more`` overrides."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in params.items() if k in known}, **more})
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise RetinoError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+@dataclass
+class EvaluateConfig:
+    """``retino evaluate``'s settings (all but the model); checked when made."""
+
+    data: str | Path | None = None  # default: the images the run recorded in its split.csv
+    split: str = "test"
+    layout: str | None = None
+    images: str | Path | None = None
+    tta: bool = False
+    out: str | Path | None = None  # default: the run's folder (an .onnx: <stem>-eval beside it)
+    force: bool = False
+    batch_size: int = 64
+    threads: int | None = None
+    device: str = "auto"
+    provider: str = "auto"
+    bootstrap: int = 1000  # resamples for the 95 % intervals; 0: point estimates only
+    seed: int = 0  # of the bootstrap
+    fuse_eyes: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("threads", self.threads, 1)
+        if self.bootstrap < 0 or self.bootstrap in (1, 2):
+            raise RetinoError(f"--bootstrap must be 0 (no intervals) or >= 3 resamples, got {self.bootstrap}")
+
+
+@dataclass
+class ExportConfig:
+    """``retino export``'s settings (all but the model); checked when made (the opset's upper
+    bound, which needs onnx, when the export starts)."""
+
+    out: str | Path | None = None  # default: model[-fp16|-int8].onnx in the run folder
+    fp16: bool = False
+    int8: bool = False
+    opset: int = 18
+    force: bool = False
+    calibration_images: int = 128  # --int8: training images to calibrate on
+
+    def __post_init__(self) -> None:
+        if self.fp16 and self.int8:
+            raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
+        _at_least("opset", self.opset, 17)
+        _at_least("calibration_images", self.calibration_images, 1)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
+
+
+def settings(cls, config, options: dict[str, Any]):
+    """A library entry point's settings: ``config`` (a ``cls``) as given, or one made of ``options``."""
+    if config is not None and options:
+        raise TypeError(f"pass a {cls.__name__} or its fields as keywords, not both ({', '.join(options)})")
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    return config if config is not None else cls(**options)

@@ -18,6 +18,7 @@ from retinocli.cli.common import ProviderOpt, app, user_errors
 
 @app.command()
 def export(
+    ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(
         help="A run folder (its best.pt) or a checkpoint; default: the newest run.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output .onnx (default: model.onnx in the run folder).")] = None,
@@ -31,12 +32,12 @@ def export(
 ) -> None:
     """Export a trained grader to ONNX with its preprocessing and grade names inside; checks parity."""
     from retinocli.reporting import render as display
+    from retinocli.config import ExportConfig, from_options
     from retinocli.deploy.export import export as run_export
 
     with user_errors():
         with display.event_bars(common.err_console if json_out else common.console) as events:
-            result = run_export(model, out=out, fp16=fp16, int8=int8, opset=opset, force=force,
-                                calibration_images=calibration_images, events=events)
+            result = run_export(model, from_options(ExportConfig, ctx.params), events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

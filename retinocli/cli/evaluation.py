@@ -16,6 +16,7 @@ from retinocli.cli.common import ImagesOpt, LayoutOpt, ProviderOpt, app, print_d
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(
         help="A run folder, a checkpoint (.pt) or an exported model (.onnx); default: the newest run.")] = None,
     data: Annotated[Optional[Path], typer.Option(
@@ -42,15 +43,13 @@ def evaluate(
     """Score a model on a labelled split: confusion table, per-grade and clinical metrics with 95% intervals,
     AUCs, and a patient-level section where image names carry patients (10_left)."""
     from retinocli.reporting import render as display
+    from retinocli.config import EvaluateConfig, from_options
     from retinocli.reporting.evaluate import evaluate as run_evaluation
 
     shown = common.err_console if json_out else common.console
     with user_errors():
         with display.event_bars(shown, "img", transient=True) as events:
-            result = run_evaluation(model, data=data, split=split, layout=layout, images=images, tta=tta,
-                                    out=out, force=force, batch_size=batch_size, threads=threads,
-                                    device=device, provider=provider, bootstrap=bootstrap, seed=seed,
-                                    fuse_eyes=fuse_eyes, events=events)
+            result = run_evaluation(model, from_options(EvaluateConfig, ctx.params), events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -25,15 +25,16 @@ from typing import Any
 import numpy as np
 
 from retinocli import __version__
+from retinocli.config import ExportConfig, settings
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
 from retinocli.models.grading import Grader
 
-OPSET = 18
+OPSET = ExportConfig.opset
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # largest |probability difference| allowed
 PARITY_BATCHES = (1, 7)  # the batch axis is dynamic: both must run
-CALIBRATION_IMAGES = 128
+CALIBRATION_IMAGES = ExportConfig.calibration_images
 
 
 @dataclass
@@ -54,32 +55,27 @@ class ExportResult:
         return d
 
 
-def export(target: str | Path | None = None, *, out: str | Path | None = None, fp16: bool = False,
-           int8: bool = False, opset: int = OPSET, force: bool = False,
-           calibration_images: int = CALIBRATION_IMAGES, events: EventsLike = None) -> ExportResult:
+def export(target: str | Path | None = None, config: ExportConfig | None = None, *, events: EventsLike = None,
+           **options) -> ExportResult:
     """Export a run (its best.pt), a checkpoint, or the newest run to ONNX; see the module doc.
 
-    ``events`` hears what is being done, as messages (see :mod:`retinocli.events`).
+    ``config`` holds the settings, or ``options`` make one (:class:`retinocli.config.ExportConfig`'s
+    fields). ``events`` hears what is being done, as messages (see :mod:`retinocli.events`).
     """
     from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
 
-    if fp16 and int8:
-        raise RetinoError("--fp16 and --int8 exclude each other: pick one precision")
-    if opset < 17:
-        raise RetinoError(f"--opset must be >= 17, got {opset}")
+    cfg = settings(ExportConfig, config, options)
     import onnx
 
-    if opset > onnx.defs.onnx_opset_version():
-        raise RetinoError(f"--opset {opset} is newer than onnx {onnx.__version__} knows "
+    if cfg.opset > onnx.defs.onnx_opset_version():
+        raise RetinoError(f"--opset {cfg.opset} is newer than onnx {onnx.__version__} knows "
                           f"(up to {onnx.defs.onnx_opset_version()})")
-    if calibration_images < 1:
-        raise RetinoError(f"--calibration-images must be >= 1, got {calibration_images}")
-    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    precision, opset, force, calibration_images = cfg.precision, cfg.opset, cfg.force, cfg.calibration_images
     say = emitter(events).message
     start = time.perf_counter()
     ckpt = RunDir.resolve_checkpoint(target)
-    out = Path(out) if out is not None else RunDir.of(ckpt).model(precision)
+    out = Path(cfg.out) if cfg.out is not None else RunDir.of(ckpt).model(precision)
     if out.suffix.lower() != ".onnx":
         raise RetinoError(f"--out must end in .onnx, got {out}")
     if out.exists() and not force:

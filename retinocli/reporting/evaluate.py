@@ -27,6 +27,7 @@ import numpy as np
 from retinocli import GRADE_NAMES
 from retinocli.deploy import schema
 from retinocli.reporting import metrics
+from retinocli.config import EvaluateConfig, settings
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, to_batch
@@ -244,85 +245,102 @@ def default_out_dir(backend: Backend) -> Path:
     return backend.path.parent
 
 
-def evaluate(target: str | Path | None = None, *, data: str | Path | None = None, split: str = "test",
-             layout: str | None = None, images: str | Path | None = None, tta: bool = False,
-             out: str | Path | None = None, force: bool = False, batch_size: int = 64,
-             threads: int | None = None, device: str = "auto", provider: str = "auto",
-             bootstrap: int = 1000, seed: int = 0, fuse_eyes: bool = False,
-             events: EventsLike = None) -> EvalResult:
+def evaluate(target: str | Path | None = None, config: EvaluateConfig | None = None, *,
+             events: EventsLike = None, **options) -> EvalResult:
     """Score a run, checkpoint or ONNX model on a labelled split and write metrics.json + predictions.csv.
 
-    The referral threshold and temperature frozen on validation at training are applied, never
-    re-tuned (``report["operating_point"]``, ``report["calibration"]``); ``fuse_eyes`` refines
+    ``config`` holds the settings, or ``options`` make one (:class:`retinocli.config.EvaluateConfig`'s
+    fields). The referral threshold and temperature frozen on validation at training are applied,
+    never re-tuned (``report["operating_point"]``, ``report["calibration"]``); ``fuse_eyes`` refines
     each eye with its fellow's probabilities (:func:`retinocli.reporting.referral.fusion_for`).
     """
-    if batch_size < 1:
-        raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
-    if threads is not None and threads < 1:
-        raise RetinoError(f"--threads must be >= 1, got {threads}")
-    if bootstrap < 0 or bootstrap in (1, 2):
-        raise RetinoError(f"--bootstrap must be 0 (no intervals) or >= 3 resamples, got {bootstrap}")
-    backend = open_model(target, device=device, provider=provider, threads=threads)
     from retinocli.reporting import referral
 
+    cfg = settings(EvaluateConfig, config, options)
+    backend = open_model(target, device=cfg.device, provider=cfg.provider, threads=cfg.threads)
     fusion = None
-    if fuse_eyes:  # before the split is read: a refusal costs no inference
-        backend.grader, fusion = referral.fusion_for(backend, split=split, tta=tta, batch_size=batch_size,
-                                                     threads=threads)
-    out_dir = Path(out) if out is not None else default_out_dir(backend)
-    from retinocli.rundir import RunDir
-
-    run = RunDir(out_dir)
-    metrics_path, predictions_path, patients_path = run.metrics(), run.predictions(), run.patients()
-    for p in (metrics_path, predictions_path, patients_path):
-        if p.exists() and not force:
-            raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
-    names, paths, grades, source, missing = split_records(backend, data=data, split=split, layout=layout,
-                                                          images=images)
-
-    scored = score_paths(backend, paths, tta=tta, batch_size=batch_size, threads=threads, events=events)
+    if cfg.fuse_eyes:  # before the split is read: a refusal costs no inference
+        backend.grader, fusion = referral.fusion_for(backend, split=cfg.split, tta=cfg.tta,
+                                                     batch_size=cfg.batch_size, threads=cfg.threads)
+    out_dir = Path(cfg.out) if cfg.out is not None else default_out_dir(backend)
+    paths_out = _outputs(out_dir, cfg.force)
+    names, paths, grades, source, missing = split_records(backend, data=cfg.data, split=cfg.split,
+                                                          layout=cfg.layout, images=cfg.images)
+    scored = score_paths(backend, paths, tta=cfg.tta, batch_size=cfg.batch_size, threads=cfg.threads,
+                         events=events)
     ok = ~np.isnan(scored.probs).any(axis=1)
     if not ok.any():
-        raise RetinoError(f"none of the {len(paths)} {split} images could be read "
+        raise RetinoError(f"none of the {len(paths)} {cfg.split} images could be read "
                           f"(e.g. {next(iter(scored.errors.items()), ('', ''))[1]})")
     single = scored.probs
     if fusion is not None:  # fellows among the readable images of this split
         scored.probs = np.full_like(single, np.nan)
         scored.probs[ok] = referral.fuse_probs([n for n, g in zip(names, ok) if g], single[ok],
                                                backend.grader)
+    report, frame = _report(backend, cfg, scored, names, grades, ok, source=source, missing=missing,
+                            fused=fusion is not None)
+    patients = _clinical_sections(report, frame, len(backend.grade_names), cfg.bootstrap, cfg.seed)
+    referral.add_sections(report, frame, backend.grader, y=grades[ok], probs=scored.probs[ok], single=single[ok],
+                          fusion=fusion, n_boot=cfg.bootstrap, seed=cfg.seed, num_classes=len(backend.grade_names))
+    if patients is not None:
+        patients = referral.referral_table(frame)
+    _write_outputs(paths_out, report, patients, names, scored, grades, backend, fused=fusion is not None)
+    return EvalResult(out_dir, paths_out[0], paths_out[1], report,
+                      _notes(backend, scored, missing, cfg.split))
+
+
+def _outputs(out_dir: Path, force: bool) -> tuple[Path, Path, Path]:
+    """metrics.json, predictions.csv and patients.csv of ``out_dir``; refused if there without --force."""
+    from retinocli.rundir import RunDir
+
+    run = RunDir(out_dir)
+    paths = run.metrics(), run.predictions(), run.patients()
+    for p in paths:
+        if p.exists() and not force:
+            raise RetinoError(f"{p} already exists; pass --force to replace it or --out to write elsewhere")
+    return paths
+
+
+def _report(backend: Backend, cfg: EvaluateConfig, scored, names: list[str], grades: np.ndarray,
+            ok: np.ndarray, *, source: str, missing: int, fused: bool) -> tuple[dict[str, Any], Any]:
+    """metrics.json's content before the clinical sections, and the per-image frame they are drawn from."""
     probs, y = scored.probs[ok].astype(np.float64), grades[ok]
     probs /= probs.sum(1, keepdims=True)  # fp16 models: exact normalisation for the AUC ranks
-    pred = _grades(backend.grader, scored.probs[ok], fused=fusion is not None)  # as predictions.csv does
-    k = len(backend.grade_names)
-    summary = metrics.summarize(y, pred, probs, num_classes=k)
+    pred = _grades(backend.grader, scored.probs[ok], fused=fused)  # as predictions.csv does
+    summary = metrics.summarize(y, pred, probs, num_classes=len(backend.grade_names))
     fpr, tpr, _ = metrics.roc_curve(y >= metrics.REFERABLE_GRADE, probs[:, metrics.REFERABLE_GRADE:].sum(1))
+    n = len(names)
     report = {
         "model": str(backend.path), "kind": backend.kind,
         "run": str(backend.run_dir) if backend.run_dir else None, **backend.info,
-        "data": source, "split": split, "tta": tta, "runtime": backend.runtime,
-        "n_images": len(paths), "n_unreadable": int((~ok).sum()), "n_missing": missing,
+        "data": source, "split": cfg.split, "tta": cfg.tta, "runtime": backend.runtime,
+        "n_images": n, "n_unreadable": int((~ok).sum()), "n_missing": missing,
         "seconds": round(scored.seconds, 3),
-        "images_per_second": round(len(paths) / max(scored.seconds, 1e-9), 1),
+        "images_per_second": round(n / max(scored.seconds, 1e-9), 1),
         "grade_names": list(backend.grade_names), "metrics": summary,
         "referable_roc": {"fpr": _rounded(fpr), "tpr": _rounded(tpr)},
     }
-    frame = _frame([n for n, good in zip(names, ok) if good], y, pred, probs)
-    frame[schema.REFERABLE] = np.where(backend.grader.referable(scored.probs[ok], fused=fusion is not None),
+    frame = _frame([name for name, good in zip(names, ok) if good], y, pred, probs)
+    frame[schema.REFERABLE] = np.where(backend.grader.referable(scored.probs[ok], fused=fused),
                                        schema.YES, schema.NO)
-    patients = _clinical_sections(report, frame, k, bootstrap, seed)
-    referral.add_sections(report, frame, backend.grader, y=y, probs=scored.probs[ok], single=single[ok],
-                          fusion=fusion, n_boot=bootstrap, seed=seed, num_classes=k)
-    if patients is not None:
-        patients = referral.referral_table(frame)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader,
-                       fused=fusion is not None)
+    return report, frame
+
+
+def _write_outputs(paths: tuple[Path, Path, Path], report: dict[str, Any], patients, names: list[str], scored,
+                   grades: np.ndarray, backend: Backend, *, fused: bool) -> None:
+    """predictions.csv, patients.csv (or its removal, under --force) and metrics.json, each atomically."""
+    metrics_path, predictions_path, patients_path = paths
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_predictions(predictions_path, names, scored, grades, backend.grade_names, backend.grader, fused=fused)
     if patients is not None:
         atomic_write(patients_path, patients.to_csv(index=False))
         report["patients"]["path"] = str(patients_path)
     elif patients_path.exists():  # --force over an evaluation of images that had patients
         patients_path.unlink()
     atomic_write(metrics_path, json.dumps(report, indent=2))
+
+
+def _notes(backend: Backend, scored, missing: int, split: str) -> list[str]:
     notes = list(backend.notes)
     if missing:
         notes.append(f"{missing} listed {split} image(s) are missing on disk and are left out of the metrics")
@@ -330,7 +348,7 @@ def evaluate(target: str | Path | None = None, *, data: str | Path | None = None
         first = next(iter(scored.errors.items()))
         notes.append(f"{len(scored.errors)} image(s) could not be read and are left out of the metrics, "
                      f"e.g. {first[1]}")
-    return EvalResult(out_dir, metrics_path, predictions_path, report, notes)
+    return notes
 
 
 def _grades(grader: Grader, probs: np.ndarray, *, fused: bool) -> np.ndarray:
