@@ -276,3 +276,19 @@ def settings(cls, config, options: dict[str, Any]):
     if config is not None and not isinstance(config, cls):
         raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
     return config if config is not None else cls(**options)
+
+
+@dataclass
+class ReportConfig:
+    """``retino report``'s settings (all but the runs and the folder); checked when made."""
+
+    svg: bool = False  # also every figure as SVG
+    force: bool = False  # write into a folder that has files
+    title: str | None = None  # report.md's heading (default: the runs' names)
+    gallery: bool = True  # the error galleries (heatmaps; need best.pt and the images)
+    gallery_size: int = 8
+    device: str = "auto"  # where the galleries' heatmaps are computed
+
+    def __post_init__(self) -> None:
+        if self.gallery:
+            _at_least("gallery_size", self.gallery_size, 1)

@@ -66,6 +66,7 @@ def evaluate(
 
 @app.command()
 def report(
+    ctx: typer.Context,
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders to put side by side "
                                                               "(default: the newest run).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default reports/<first run's name>).")] = None,
@@ -81,6 +82,7 @@ def report(
 ) -> None:
     """Figures a report needs: training curves, accuracy comparison, confusion heatmaps, ROC, error
     gallery, report.md."""
+    from retinocli.config import ReportConfig, from_options
     from retinocli.reporting.report import write_report
 
     with user_errors():
@@ -90,8 +92,7 @@ def report(
             runs = [RunDir.newest_with_history("runs").path]
             common.console.print(f"Reporting the newest run: {runs[0]}")
         target = out if out is not None else Path("reports") / runs[0].name
-        result = write_report(list(runs), target, svg=svg, force=force, title=title, gallery=gallery,
-                              gallery_size=gallery_size, device=device)
+        result = write_report(list(runs), target, from_options(ReportConfig, ctx.params))
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

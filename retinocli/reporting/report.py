@@ -7,11 +7,13 @@ only, no torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinocli import GRADE_NAMES
+from retinocli.config import ReportConfig, settings
 from retinocli.errors import RetinoError
 from retinocli.reporting.figures import (BALANCE_TITLE, balance_figure, comparison_figure, confusion_figure,
                                          curves_figure, roc_figure, save_figure, split_counts)
@@ -212,9 +214,8 @@ class ReportResult:
                 "study": self.study.to_dict() if self.study is not None else None}
 
 
-def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, force: bool = False,
-                 title: str | None = None, gallery: bool = True, gallery_size: int = 8,
-                 device: str = "auto") -> ReportResult:
+def write_report(runs: list[str | Path], out: str | Path, config: ReportConfig | None = None,
+                 **options) -> ReportResult:
     """Figures and report.md comparing runs, in the folder ``out``.
 
     Writes ``<run>-curves.png`` per run, ``accuracy-comparison.png``, ``<run>-confusion.png``
@@ -226,6 +227,7 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     Args:
         runs: run folders from ``retino train`` (evaluated ones hold metrics.json).
         out: the report folder; created, or refused when it holds files and not ``force``.
+        config: a :class:`retinocli.config.ReportConfig`, or ``options``, its fields as keywords:
         svg: also save every figure as SVG.
         force: write into a non-empty ``out``, replacing files of the same name.
         title: the heading of report.md (default names the runs).
@@ -237,25 +239,49 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
     Raises:
         RetinoError: no runs, a folder that is not a run, or ``out`` not empty without force.
     """
+    cfg = settings(ReportConfig, config, options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RetinoError(f"{out} is a file; the report needs a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
         raise RetinoError(f"{out} exists; pass --force to overwrite")
-    if gallery and gallery_size < 1:
-        raise RetinoError(f"--gallery-size must be at least 1, got {gallery_size}")
     loaded = load_runs(list(runs))
     out.mkdir(parents=True, exist_ok=True)
-
     shown: dict[str, Path] = {}  # caption -> PNG, for report.md
     written: list[Path] = []
-    notes: list[str] = []
 
     def save(fig: Figure, filename: str, caption: str) -> None:
-        paths = save_figure(fig, out / filename, svg)
+        paths = save_figure(fig, out / filename, cfg.svg)
         written.extend(paths)
         shown[caption] = paths[0]
 
+    notes = _figures(loaded, save)
+    gallery_lines, gallery_notes = None, []
+    if cfg.gallery:  # ------------------------------------------------ error gallery (issue #18)
+        from retinocli.reporting.gallery import markdown_lines, write_galleries
+
+        galleries = write_galleries(loaded, out, size=cfg.gallery_size, device=cfg.device)
+        written.extend(galleries.pngs)
+        gallery_notes = galleries.notes  # in report.md's gallery section, not under Figures
+        gallery_lines = markdown_lines(galleries, {r.name: (r.metrics or {}).get("split", MISSING) for r in loaded})
+
+    from retinocli.reporting.study import markdown_lines as study_lines, write_study  # seeds (#15)
+
+    study = write_study(loaded, out)
+    md = out / "report.md"
+    text = markdown(loaded, shown, title=cfg.title or "Report: " + ", ".join(r.name for r in loaded),
+                    notes=notes, gallery=gallery_lines, study=study_lines(study) if study.worth_showing else None)
+    md.write_text(text, encoding="utf-8")
+    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded),
+                        notes=notes + gallery_notes,
+                        differences=settings_that_differ({r.name: r.config for r in loaded}),
+                        study=study if study.worth_showing else None)
+
+
+def _figures(loaded: list, save: Callable[[Figure, str, str], None]) -> list[str]:
+    """Every figure but the galleries, each handed to ``save(figure, filename, caption)``; returns
+    report.md's notes on the figures that could not be drawn."""
+    notes: list[str] = []
     for run in loaded:
         save(curves_figure(run), f"{run.name}-curves.png", f"Training curves: {run.name} ({run.label})")
     save(comparison_figure(loaded), "accuracy-comparison.png", "Accuracy of every run")
@@ -263,7 +289,6 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
         if run.evaluated:
             save(confusion_figure(run), f"{run.name}-confusion.png",
                  f"Confusion matrix: {run.name} ({run.label}, {run.metrics.get('split', MISSING)} split)")
-
     with_split = [r for r in loaded if r.split is not None]
     if with_split:
         first = with_split[0]
@@ -277,7 +302,6 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
                          f"{', '.join(f'`{n}`' for n in other)} used a different split.")
     else:
         notes.append("No run has a split.csv, so there is no class-balance chart.")
-
     if any(r.evaluated for r in loaded):
         save(roc_figure(loaded), "referable-roc.png", "Referable DR ROC")
     else:
@@ -286,26 +310,6 @@ def write_report(runs: list[str | Path], out: str | Path, *, svg: bool = False, 
 
     for fig, filename, caption in calibration_figures(loaded):
         save(fig, filename, caption)
-
-    gallery_lines, gallery_notes = None, []
-    if gallery:  # ------------------------------------------------ error gallery (issue #18)
-        from retinocli.reporting.gallery import markdown_lines, write_galleries
-
-        galleries = write_galleries(loaded, out, size=gallery_size, device=device)
-        written.extend(galleries.pngs)
-        gallery_notes = galleries.notes  # in report.md's gallery section, not under Figures
-        gallery_lines = markdown_lines(galleries, {r.name: (r.metrics or {}).get("split", MISSING) for r in loaded})
-
-    from retinocli.reporting.study import markdown_lines as study_lines, write_study  # seeds (#15)
-
-    study = write_study(loaded, out)
-    md = out / "report.md"
-    text = markdown(loaded, shown, title=title or "Report: " + ", ".join(r.name for r in loaded), notes=notes,
-                    gallery=gallery_lines, study=study_lines(study) if study.worth_showing else None)
-    md.write_text(text, encoding="utf-8")
-    return ReportResult(out=out, figures=written, markdown=md, warnings=majority_warnings(loaded),
-                        notes=notes + gallery_notes,
-                        differences=settings_that_differ({r.name: r.config for r in loaded}),
-                        study=study if study.worth_showing else None)
+    return notes
 
 
