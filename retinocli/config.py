@@ -269,7 +269,7 @@ class ExportConfig:
         return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
 
 
-def settings(cls, config, options: dict[str, Any]):
+def config_of(cls, config, options: dict[str, Any]):
     """A library entry point's settings: ``config`` (a ``cls``) as given, or one made of ``options``."""
     if config is not None and options:
         raise TypeError(f"pass a {cls.__name__} or its fields as keywords, not both ({', '.join(options)})")
@@ -292,3 +292,32 @@ class ReportConfig:
     def __post_init__(self) -> None:
         if self.gallery:
             _at_least("gallery_size", self.gallery_size, 1)
+
+
+#: the image formats a ``retino prepare`` cache can hold, and their file extensions
+CACHE_FORMATS: dict[str, str] = {"png": ".png", "jpeg": ".jpg"}
+
+
+@dataclass
+class PrepareConfig:
+    """``retino prepare``'s settings (all but the dataset); checked when made (size and mode by
+    :class:`retinocli.imaging.preprocess.Preprocess` when the work starts)."""
+
+    out: str | Path  # the cache folder: new, empty, or a cache of the same settings to resume
+    size: int = 512
+    mode: str = "crop"  # crop, none or graham, as in Preprocess
+    layout: str | None = None
+    images: str | Path | None = None
+    fmt: str = "jpeg"  # jpeg (small, about one grey level off) or png (exact)
+    quality: int = 95  # jpeg quality, 1-100
+    workers: int | None = None  # processes; default one per core; 1 works in-process
+    force: bool = False  # rebuild ``out`` from scratch
+
+    def __post_init__(self) -> None:
+        if self.fmt not in CACHE_FORMATS:
+            raise RetinoError(f"unknown image format {self.fmt!r}; choose {' or '.join(CACHE_FORMATS)}")
+        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise RetinoError(f"--quality must be an integer from 1 to 100, got {self.quality!r}")
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise RetinoError(f"--workers must be 0 or more, got {w!r}")

@@ -90,6 +90,7 @@ def synth(
 
 @app.command()
 def prepare(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Dataset folder (any layout retino stats reads).")],
     out: Annotated[Path, typer.Option(help="Cache folder to write (train on it with --data OUT).")],
     size: Annotated[int, typer.Option(help="Square side in pixels; train with the same --img-size.")] = 512,
@@ -105,14 +106,14 @@ def prepare(
 ) -> None:
     """Crop, resize and store every image once (parallel, resumable) so training never decodes a 4k photo."""
     from retinocli.reporting import render as display
+    from retinocli.config import PrepareConfig, from_options
     from retinocli.imaging.cache import prepare as run_prepare
 
     shown = common.err_console if json_out else common.console
     with user_errors():
         try:
             with display.event_bars(shown, "img") as events:
-                result = run_prepare(data, out=out, size=size, mode=mode, layout=layout, images=images, fmt=fmt,
-                                     quality=quality, workers=workers, force=force, events=events)
+                result = run_prepare(data, from_options(PrepareConfig, ctx.params), events=events)
         except KeyboardInterrupt:
             raise RetinoError(f"interrupted; run the same command again to finish {out}") from None
     if json_out:

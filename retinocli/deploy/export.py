@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from retinocli import __version__
-from retinocli.config import ExportConfig, settings
+from retinocli.config import ExportConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare, to_batch
@@ -65,7 +65,7 @@ def export(target: str | Path | None = None, config: ExportConfig | None = None,
     from retinocli.engine.checkpoints import load_trained
     from retinocli.rundir import RunDir
 
-    cfg = settings(ExportConfig, config, options)
+    cfg = config_of(ExportConfig, config, options)
     import onnx
 
     if cfg.opset > onnx.defs.onnx_opset_version():

@@ -45,6 +45,7 @@ from typing import Any
 from PIL import Image
 
 from retinocli import __version__
+from retinocli.config import CACHE_FORMATS, PrepareConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.data.files import IMAGE_EXTENSIONS
 from retinocli.data.layouts import (CACHE_FORMAT, CACHE_LABELS, CACHE_MANIFEST, Dataset,
@@ -54,7 +55,7 @@ from retinocli.machine import process_workers
 from retinocli.imaging.preprocess import Preprocess, load_and_prepare
 
 TASK = "prepare"  # the progress task of prepare
-FORMATS: dict[str, str] = {"png": ".png", "jpeg": ".jpg"}
+FORMATS = CACHE_FORMATS
 LABEL_COLUMNS = ("image", "file", "grade", "split", "patient", "eye", "source")
 IMAGES_DIR = "images"
 TMP_SUFFIX = ".tmp"
@@ -105,23 +106,17 @@ class PrepareResult:
         return d
 
 
-def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "crop",
-            layout: str | None = None, images: str | Path | None = None, fmt: str = "jpeg",
-            quality: int = 95, workers: int | None = None, force: bool = False,
-            events: EventsLike = None) -> PrepareResult:
-    """Write ``data``'s images, preprocessed, into the cache folder ``out``.
+def prepare(data: str | Path, config: PrepareConfig | None = None, *, events: EventsLike = None,
+            **options) -> PrepareResult:
+    """Write ``data``'s images, preprocessed, into the cache folder ``config.out``.
 
     Args:
         data: the dataset folder, in any layout :func:`load_dataset` reads.
-        out: the cache folder: new, empty, or a cache of the same settings to resume.
-        size: output side in pixels.
-        mode: "crop", "none" or "graham", as in :class:`Preprocess`.
-        layout, images: passed to :func:`load_dataset`.
-        fmt: "jpeg" (small, about one grey level off) or "png" (exact).
-        quality: jpeg quality, 1-100.
-        workers: processes decoding in parallel; default one per core; 1 works in-process.
-        force: rebuild ``out`` from scratch (a cache of other settings, or a non-empty folder:
-            only its images/, labels.csv and retino-cache.json are replaced).
+        config: a :class:`retinocli.config.PrepareConfig` (the cache folder ``out``, size, mode,
+            layout and images for :func:`load_dataset`, fmt, quality, workers, force), or
+            ``options``, its fields as keywords. ``force`` rebuilds ``out`` from scratch (a cache
+            of other settings, or a non-empty folder: only its images/, labels.csv and
+            retino-cache.json are replaced).
         events: a listener for progress: task "prepare", started with the images already in
             the cache as done, advanced per image with the running ``rate`` in its fields
             (see :mod:`retinocli.events`).
@@ -131,19 +126,15 @@ def prepare(data: str | Path, *, out: str | Path, size: int = 512, mode: str = "
         KeyboardInterrupt: passed on after the workers stop; run again to resume.
     """
     start = time.perf_counter()
+    cfg = config_of(PrepareConfig, config, options)
+    size, mode, fmt, quality, force = cfg.size, cfg.mode, cfg.fmt, cfg.quality, cfg.force
     prep = Preprocess(size=size, mode=mode)  # checks size and mode
-    if fmt not in FORMATS:
-        raise RetinoError(f"unknown image format {fmt!r}; choose {' or '.join(FORMATS)}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise RetinoError(f"--quality must be an integer from 1 to 100, got {quality!r}")
-    workers = process_workers() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise RetinoError(f"--workers must be 0 or more, got {workers!r}")
+    workers = process_workers() if cfg.workers is None else cfg.workers
 
-    ds = load_dataset(data, layout=layout, images=images)
+    ds = load_dataset(data, layout=cfg.layout, images=cfg.images)
     if not ds.records["found"].any():
         raise RetinoError(f"{ds.root}: none of the {len(ds.records)} listed images is on disk; nothing to prepare")
-    out = Path(os.path.abspath(Path(out).expanduser()))
+    out = Path(os.path.abspath(Path(cfg.out).expanduser()))
     _refuse_overlap(out, ds)
     settings = {"format": CACHE_FORMAT, "complete": False, "size": size, "mode": mode, "fmt": fmt,
                 "quality": quality if fmt == "jpeg" else None, "interpolation": prep.interpolation,

@@ -27,7 +27,7 @@ import numpy as np
 from retinocli import GRADE_NAMES
 from retinocli.deploy import schema
 from retinocli.reporting import metrics
-from retinocli.config import EvaluateConfig, settings
+from retinocli.config import EvaluateConfig, config_of
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.events import EventsLike, emitter
 from retinocli.imaging.preprocess import Preprocess, to_batch
@@ -256,7 +256,7 @@ def evaluate(target: str | Path | None = None, config: EvaluateConfig | None = N
     """
     from retinocli.reporting import referral
 
-    cfg = settings(EvaluateConfig, config, options)
+    cfg = config_of(EvaluateConfig, config, options)
     backend = open_model(target, device=cfg.device, provider=cfg.provider, threads=cfg.threads)
     fusion = None
     if cfg.fuse_eyes:  # before the split is read: a refusal costs no inference

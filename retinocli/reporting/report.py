@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from retinocli import GRADE_NAMES
-from retinocli.config import ReportConfig, settings
+from retinocli.config import ReportConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.reporting.figures import (BALANCE_TITLE, balance_figure, comparison_figure, confusion_figure,
                                          curves_figure, roc_figure, save_figure, split_counts)
@@ -239,7 +239,7 @@ def write_report(runs: list[str | Path], out: str | Path, config: ReportConfig |
     Raises:
         RetinoError: no runs, a folder that is not a run, or ``out`` not empty without force.
     """
-    cfg = settings(ReportConfig, config, options)
+    cfg = config_of(ReportConfig, config, options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RetinoError(f"{out} is a file; the report needs a folder")
