@@ -29,6 +29,20 @@ CHOICES = {
 
 #: TrainConfig fields that record where options came from rather than being options
 NOT_OPTIONS = frozenset({"recipe"})
+#: config.json keys that do not make two runs different recipes: the seed, how the run is named
+#: and where it ran (``workers`` changes no weight: batched augmentation and the epoch sampler
+#: draw from the seed), and records of how it was asked for (a recipe file and the same options
+#: on the command line train alike) or of the machine and resolved data folder. Used by
+#: ``retino report``/``compare`` (recipes), ``retino results`` (groups) and ``--seeds`` (a seed's
+#: folder made with other settings).
+NOT_RECIPE = ("seed", "name", "project", "workers", "recipe", "command", "versions", "dataset")
+
+
+def recipe_key(config: dict[str, Any]) -> str:
+    """The settings that make a recipe, as one comparable string (config.json minus :data:`NOT_RECIPE`)."""
+    import json
+
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True, default=str)
 
 
 @dataclass

@@ -23,15 +23,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from retinocli.config import TrainConfig
+from retinocli.config import NOT_RECIPE, TrainConfig
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
 from retinocli.rundir import RunDir
 
-#: TrainConfig fields that may differ between the command that made a seed's run and the one
-#: that continues it: they change no weight (``workers``: batched augmentation and the epoch
-#: sampler draw from the seed, not from the loader processes).
-NOT_RECIPE = ("workers",)
 #: Settings whose automatic value (None, or "auto") config.json records as what it resolved to.
 RESOLVED = {"amp": None, "channels_last": None, "augment_on": "auto"}
 #: What a seed's folder holds, as :func:`seed_state` sees it.

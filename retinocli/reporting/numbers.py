@@ -1,4 +1,5 @@
-"""How numbers read in report.md, result tables and figure labels: one rule per kind of number."""
+"""How numbers read in report.md, result tables and figure labels: one rule per kind of number,
+and the one way a Markdown table is written."""
 
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ def params(n: Any) -> str:
 def beats_majority(accuracy: float, majority: float) -> bool:
     """At least one percentage point above always answering the commonest grade."""
     return accuracy - majority >= 0.01 - 1e-9
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table's lines; ``|`` inside a cell is escaped."""
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out

@@ -17,7 +17,7 @@ from retinocli.config import ReportConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.reporting.figures import (BALANCE_TITLE, balance_figure, comparison_figure, confusion_figure,
                                          curves_figure, roc_figure, save_figure, split_counts)
-from retinocli.reporting.numbers import MISSING, beats_majority, finite, num, params, pct
+from retinocli.reporting.numbers import MISSING, beats_majority, finite, markdown_table, num, params, pct
 from retinocli.reporting.runs import (METRIC_NAMES, RunSummary, describe_settings, load_runs, same_split,
                                       settings_that_differ, weights_label)
 
@@ -26,16 +26,6 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------------- markdown
-
-
-def _cell(x: Any) -> str:
-    return str(x).replace("|", "\\|")
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return out
 
 
 TRAIN_HEADER = ["run", "arch", "weights", "mode", "img size", "epochs", "best epoch", "val accuracy", "val QWK",

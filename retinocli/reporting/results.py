@@ -3,7 +3,8 @@
 Each run contributes one row: the metrics ``retino evaluate RUN --split val`` wrote into its
 metrics.json, the training time its history.csv summed, the machine its config.json's
 ``versions`` named, and the ``retino train`` command its config.json recorded. Runs that
-differ only in ``--seed`` (and their name) form one group, summarised as mean ± sample sd
+differ only in ``--seed`` (and their name: :func:`retinocli.config.recipe_key`, the rule ``retino
+report`` groups recipes by) form one group, summarised as mean ± sample sd
 (:func:`retinocli.reporting.clinical.summarise_seeds`).
 """
 
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retinocli.config import recipe_key
 from retinocli.errors import RetinoError, atomic_write
+from retinocli.reporting.numbers import MISSING, markdown_table, num
 
 #: (column header, metrics.json path) of each number in the tables, image level
 IMAGE_METRICS = (("ACC", ("metrics", "accuracy")), ("AUC", ("metrics", "ovr_macro_auc")),
@@ -36,7 +39,7 @@ class RunResult:
     head: str
     seed: int
     command: str
-    group: str  # the options that change what is trained, as a command (NOT_TRAINED left out)
+    group: str  # the settings that make its recipe (:func:`retinocli.config.recipe_key`)
     epochs: int
     best_epoch: int | None
     train_seconds: float
@@ -62,10 +65,9 @@ def machine_of(versions: dict[str, Any]) -> str:
     return f"{versions.get('device', '?')}, {cpus} cores{where}" if cpus else f"{versions.get('device', '?')}{where}"
 
 
-#: config.json keys that hold the value training resolved (amp on CUDA...) rather than the one given
+#: config.json keys that hold the value training resolved (amp on CUDA...) rather than the one
+#: given: left at their defaults when a run from before the recorded command gets one rebuilt
 RESOLVED = ("amp", "channels_last", "workers")
-#: ... and those that do not change what is trained: runs differing only in these share a group
-NOT_TRAINED = (*RESOLVED, "seed", "name", "project", "recipe")
 
 
 def _options(config: dict[str, Any], reset: Sequence[str]):
@@ -76,7 +78,7 @@ def _options(config: dict[str, Any], reset: Sequence[str]):
     return TrainConfig.from_dict(known)
 
 
-def load_run(path: str | Path) -> RunResult:
+def results_row(path: str | Path) -> RunResult:
     """A run's row, from config.json, history.csv and the metrics.json of ``evaluate --split val``.
 
     Raises:
@@ -103,7 +105,7 @@ def load_run(path: str | Path) -> RunResult:
     best = report.get("epoch")
     return RunResult(run=str(run.path), dataset=Path(str(config.get("data", "?"))).name, recipe=config.get("recipe"),
                      head=str(config.get("head", "classification")), seed=int(config.get("seed", 0)),
-                     command=command, group=_options(config, NOT_TRAINED).command_line(),
+                     command=command, group=recipe_key(config),
                      epochs=int(len(history)),
                      best_epoch=int(best) if isinstance(best, int) else None,
                      train_seconds=float(history["seconds"].sum()) if len(history) else 0.0,
@@ -123,18 +125,6 @@ def group_runs(results: Sequence[RunResult]) -> list[list[RunResult]]:
     return [sorted(g, key=lambda r: (r.seed, r.run)) for g in groups.values()]
 
 
-def _number(v: float) -> str:
-    return "–" if math.isnan(v) else f"{v:.3f}"
-
-
-def _mean_sd(summary: dict[str, Any] | None) -> str:
-    if summary is None or summary["n"] == 0:
-        return "–"
-    if summary["n"] == 1:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -151,13 +141,10 @@ def _headers(results: Sequence[RunResult]) -> list[str]:
     return names
 
 
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
 def render_results(results: Sequence[RunResult], *, title: str = "Results") -> str:
     """RESULTS.md's text: a summary per group (mean ± sd over seeds), each run, each command."""
     from retinocli.reporting.clinical import summarise_seeds
+    from retinocli.reporting.study import mean_sd
 
     metrics = _headers(results)
     groups = group_runs(results)
@@ -167,24 +154,23 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
              "about unseen data. Written by `retino results` from the run folders; sd is the sample sd over seeds. "
              "The last-epoch QWK (history.csv) is the one number no epoch choice flatters. "
              "Training time is the sum of history.csv's epoch times (training passes, validation excluded).", "",
-             "## Summary", "",
-             _row(["group", "dataset", "recipe", "head", "seeds", *metrics, "train time / run", "machine"]),
-             _row(["---"] * (7 + len(metrics)))]
+             "## Summary", ""]
+    rows = []
     for i, g in enumerate(groups, 1):
         summary = summarise_seeds([{**r.metrics, "seconds": r.train_seconds} for r in g])
         first = g[0]
-        lines.append(_row([str(i), first.dataset, _recipe_label(g), first.head,
-                           ",".join(str(r.seed) for r in g), *(_mean_sd(summary.get(h)) for h in metrics),
-                           _minutes(summary["seconds"]["mean"]), first.machine]))
-    lines += ["", "## Runs", "",
-              _row(["group", "run", "seed", "epochs", "best epoch", *metrics, "last-epoch QWK", "train time"]),
-              _row(["---"] * (5 + len(metrics) + 2))]
-    for i, g in enumerate(groups, 1):
-        for r in g:
-            lines.append(_row([str(i), Path(r.run).name, str(r.seed), str(r.epochs),
-                               "–" if r.best_epoch is None else str(r.best_epoch),
-                               *(_number(r.metrics.get(h, math.nan)) for h in metrics), _number(r.last_qwk),
-                               _minutes(r.train_seconds)]))
+        rows.append([str(i), first.dataset, _recipe_label(g), first.head, ",".join(str(r.seed) for r in g),
+                     *(mean_sd(h, summary.get(h, {})) for h in metrics),
+                     _minutes(summary["seconds"]["mean"]), first.machine])
+    lines += markdown_table(["group", "dataset", "recipe", "head", "seeds", *metrics, "train time / run",
+                             "machine"], rows)
+    lines += ["", "## Runs", ""]
+    rows = [[str(i), Path(r.run).name, str(r.seed), str(r.epochs),
+             MISSING if r.best_epoch is None else str(r.best_epoch),
+             *(num(r.metrics.get(h, math.nan)) for h in metrics), num(r.last_qwk), _minutes(r.train_seconds)]
+            for i, g in enumerate(groups, 1) for r in g]
+    lines += markdown_table(["group", "run", "seed", "epochs", "best epoch", *metrics, "last-epoch QWK",
+                             "train time"], rows)
     lines += ["", "## Commands", "",
               "Each run's `retino train` command as config.json recorded it, a recipe file's values spelled "
               "out as options; a group's runs differ only in `--seed`, `--name` and where they ran "
@@ -207,6 +193,6 @@ def write_results(runs: Sequence[str | Path], out: str | Path, *, force: bool = 
     out = Path(out)
     if out.exists() and not force:
         raise RetinoError(f"{out} already exists; pass --force to replace it")
-    results = [load_run(r) for r in runs]
+    results = [results_row(r) for r in runs]
     atomic_write(out, render_results(results, title=title))
     return out, results

@@ -3,7 +3,7 @@ the runs form recipes trained with several seeds, or when two recipes were evalu
 images.
 
 * A *recipe* is a set of runs whose config.json agree on every setting but the seed (and the
-  run's name, folder and loader processes, which change no weight: :data:`NOT_RECIPE`). Each
+  run's name, folder and loader processes, which change no weight: :data:`retinocli.config.NOT_RECIPE`). Each
   recipe gets the mean ± sample sd (ddof 1) of its headline metrics over its seeds, with the
   per-seed values (:func:`summarise`, built on :func:`retinocli.reporting.clinical.summarise_seeds`).
 * Two recipes whose every run was evaluated on the same images (predictions.csv, matched by
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from retinocli.config import recipe_key
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.reporting import clinical
 from retinocli.rundir import RunDir
@@ -58,10 +59,6 @@ from retinocli.rundir import RunDir
 if TYPE_CHECKING:
     from retinocli.reporting.runs import RunSummary
 
-#: config.json keys that do not make two runs different recipes: the seed, how the run is named
-#: and where it was run (``workers`` changes no weight; ``versions`` and ``dataset`` record the
-#: machine and the resolved data folder, ``data`` says which data).
-NOT_RECIPE = ("seed", "name", "project", "workers", "versions", "dataset", "command", "recipe")
 #: The headline metrics summarised over seeds, in table order: the best epoch's validation
 #: metrics (history.csv) and, when evaluated, metrics.json's.
 METRIC_LABELS = {"val_accuracy": "val accuracy", "val_qwk": "val QWK", "accuracy": "accuracy",
@@ -77,11 +74,6 @@ YES, NO = "distinguishable from zero", "not distinguishable from zero"
 
 
 # ------------------------------------------------------------------------------ recipes
-
-
-def recipe_key(config: dict[str, Any]) -> str:
-    """The settings that make a recipe, as one comparable string (config.json minus :data:`NOT_RECIPE`)."""
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -105,7 +97,7 @@ def _recipe_name(runs: list[RunSummary]) -> str:
 
 
 def recipes(runs: Sequence[RunSummary]) -> list[Recipe]:
-    """Group runs by :func:`recipe_key`, in order of first appearance; names made unique."""
+    """Group runs by :func:`retinocli.config.recipe_key`, in order of first appearance; names made unique."""
     groups: dict[str, list[RunSummary]] = {}
     for run in runs:
         groups.setdefault(recipe_key(run.config), []).append(run)
@@ -352,7 +344,7 @@ def comparison_line(c: dict[str, Any]) -> str:
 
 def markdown_lines(st: Study) -> list[str]:
     """report.md's section "Seeds and paired comparison"."""
-    from retinocli.reporting.report import markdown_table
+    from retinocli.reporting.numbers import markdown_table
 
     keys = [k for k in METRIC_LABELS if any(math.isfinite(r["metrics"].get(k, {}).get("mean", math.nan))
                                             for r in st.recipes)]
