@@ -18,7 +18,7 @@ TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.co
               "retinocli.reporting.metrics", "retinocli.reporting.clinical",
               "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints",
               "retinocli.reporting.study", "retinocli.engine.seeds",
-              "retinocli.models.freeze", "retinocli.reporting.referral", "retinocli.reporting.render_clinical",
+              "retinocli.models.freeze", "retinocli.reporting.referral", "retinocli.reporting.render_evaluate",
               "retinocli.reporting.figures_calibration", "retinocli.reporting.results")
 TORCH_ALLOWED = ("retinocli.deploy.export",)  # torch -> ONNX needs torch
 

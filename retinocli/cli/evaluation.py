@@ -53,7 +53,9 @@ def evaluate(
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
-    display.render_evaluation(result.report, common.console)
+    from retinocli.reporting.render_evaluate import render_evaluation
+
+    render_evaluation(result.report, common.console)
     for note in result.notes:
         common.console.print(f"[yellow]note:[/] {note}")
     written = [result.metrics_path, result.predictions_path, result.report.get("patients", {}).get("path")]

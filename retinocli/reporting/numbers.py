@@ -12,9 +12,15 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def pct(x: Any) -> str:
-    """0.735 -> ``73.5 %``; NaN or missing -> ``–``."""
-    return f"{100 * x:.1f} %" if finite(x) else MISSING
+def pct(x: Any, sep: str = " ") -> str:
+    """0.735 -> ``73.5 %`` (``73.5%`` with ``sep=""``, as terminal tables and figure labels
+    print it); NaN or missing -> ``–``."""
+    return f"{100 * x:.1f}{sep}%" if finite(x) else MISSING
+
+
+def tight_pct(x: Any) -> str:
+    """0.735 -> ``73.5%``: :func:`pct` for terminal tables and figure labels."""
+    return pct(x, sep="")
 
 
 def num(x: Any, digits: int = 3) -> str:

@@ -14,10 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from retinocli import GRADE_NAMES
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.1%}"
+from retinocli.reporting.numbers import tight_pct
 
 
 def balance_table(split: str, s: dict) -> Table:
@@ -30,13 +27,13 @@ def balance_table(split: str, s: dict) -> Table:
     table.add_column("share", justify="right", footer="100%" if s["labelled"] else "-")
     for g, name in enumerate(GRADE_NAMES):
         style = "bold" if g == s["majority_grade"] else ""
-        table.add_row(str(g), name, f"{s['counts'][g]:,}", _pct(s["shares"][g]), style=style)
+        table.add_row(str(g), name, f"{s['counts'][g]:,}", tight_pct(s["shares"][g]), style=style)
     if s["labelled"]:
         ratio = s["imbalance_ratio"]
         absent = f"; grades {s['absent_grades']} absent" if s["absent_grades"] else ""
         table.caption = (f"imbalance {ratio:.1f}:1{absent}.  Bar to clear: always answering grade "
                          f"{s['majority_grade']} ({GRADE_NAMES[s['majority_grade']]}) scores "
-                         f"[bold]{_pct(s['majority_accuracy'])}[/] accuracy")
+                         f"[bold]{tight_pct(s['majority_accuracy'])}[/] accuracy")
     else:
         table.caption = "unlabelled"
     table.caption_justify = "left"
@@ -241,9 +238,9 @@ def render_training(result, console: Console) -> None:
     for row in result.history[-10:]:
         best = row["epoch"] == result.best_epoch
         table.add_row(str(row["epoch"]), f"{row['seconds']:.1f}", f"{row['images_per_second']:,.0f}",
-                      f"{row['lr']:.2e}", f"{row['train_loss']:.3f}", _pct(row["train_accuracy"]),
-                      f"{row['val_loss']:.3f}", _pct(row["val_accuracy"]), f"{row['val_qwk']:.3f}",
-                      _pct(row["val_balanced_accuracy"]), style="bold green" if best else "")
+                      f"{row['lr']:.2e}", f"{row['train_loss']:.3f}", tight_pct(row["train_accuracy"]),
+                      f"{row['val_loss']:.3f}", tight_pct(row["val_accuracy"]), f"{row['val_qwk']:.3f}",
+                      tight_pct(row["val_balanced_accuracy"]), style="bold green" if best else "")
     console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -253,130 +250,8 @@ def render_training(result, console: Console) -> None:
     console.print(f"[{colour}]{escape(result.stopped)}[/]", soft_wrap=True)
     if result.best_epoch:
         b = result.best_metrics
-        console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {_pct(b['accuracy'])}, "
-                      f"QWK {b['qwk']:.3f}, balanced accuracy {_pct(b['balanced_accuracy'])}")
-
-
-def _num(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None or x != x else f"{x:.{digits}f}"
-
-
-def confusion_table(cm: list[list[int]], names: list[str], title: str) -> Table:
-    """True grades as rows, predictions as columns: count and row share, diagonal highlighted."""
-    table = Table(title=title, title_justify="left", show_lines=False, padding=(0, 1))
-    table.add_column("true \\ predicted", style="bold", no_wrap=True)
-    for g, name in enumerate(names):
-        table.add_column(f"{g}\n{name}", justify="right", no_wrap=True)
-    table.add_column("total", justify="right", style="dim")
-    for i, row in enumerate(cm):
-        total = sum(row)
-        cells = []
-        for j, n in enumerate(row):
-            share = n / total if total else 0.0
-            text = f"{n:,} [dim]{share:.0%}[/]" if total else "0"
-            if i == j:
-                text = f"[bold green]{n:,}[/] [green]{share:.0%}[/]" if total else "[green]0[/]"
-            elif n:
-                text = f"[red]{n:,}[/] [dim]{share:.0%}[/]"
-            cells.append(text)
-        table.add_row(f"{i} {names[i]}", *cells, f"{total:,}")
-    return table
-
-
-def _interval(entry: dict | None, pct: bool) -> str:
-    """``low–high`` of a bootstrap interval, as percentages or to three decimals."""
-    if not entry or entry.get("low") is None or entry["low"] != entry["low"]:  # missing or nan
-        return "-"
-    fmt = _pct if pct else _num
-    return f"{fmt(entry['low'])} – {fmt(entry['high'])}"
-
-
-def patient_table(section: dict) -> Table:
-    """The patient-level scores of ``retino evaluate`` (the worse eye decides), with intervals."""
-    ci = (section.get("intervals") or {}).get("metrics", {})
-    m = section["metrics"]
-    t = Table(title=f"patients: {section['n']:,} ({section['with_both_eyes']:,} with both eyes); "
-                    f"{section['rule']}", title_justify="left", show_header=bool(ci))
-    for col in ("metric", "value", *(("95% interval",) if ci else ())):
-        t.add_column(col, justify="left" if col == "metric" else "right")
-    rows = (("accuracy", _pct(m["accuracy"]), "accuracy", True),
-            ("quadratic weighted kappa", _num(m["qwk"]), "qwk", False),
-            ("referable sensitivity", _pct(m["referable"]["sensitivity"]), "referable_sensitivity", True),
-            ("referable specificity", _pct(m["referable"]["specificity"]), "referable_specificity", True),
-            ("referable ROC AUC", _num(ci.get("referable_auc", {}).get("estimate")), "referable_auc", False))
-    for label, value, key, pct in rows:
-        t.add_row(label, value, *((_interval(ci.get(key), pct),) if ci else ()))
-    return t
-
-
-def render_evaluation(report: dict, console: Console) -> None:
-    """Confusion table, per-grade scores and the summary metrics of ``retino evaluate``."""
-    m, names = report["metrics"], report["grade_names"]
-    what = f"{report.get('arch') or '?'} · {report.get('weights') or 'scratch'} · {report.get('mode') or '?'}"
-    # the model's path on a line of its own: inside a table title rich would fold it at the width
-    console.print(f"Model: {report['model']}", markup=False, highlight=False, soft_wrap=True)
-    console.print(confusion_table(m["confusion_matrix"], names,
-                                  f"{report['split']} split, {m['n']:,} images{', TTA' if report['tta'] else ''}"
-                                  f" — {what}"))
-    per = Table(title="per grade", title_justify="left")
-    for col in ("grade", "precision", "recall", "F1", "support"):
-        per.add_column(col, justify="right" if col != "grade" else "left")
-    for row in m["per_class"]:
-        per.add_row(f"{row['grade']} {row['name']}", _pct(row["precision"]), _pct(row["recall"]),
-                    _pct(row["f1"]), f"{row['support']:,}")
-    console.print(per)
-    ref = m["referable"]
-    ci = report.get("intervals")
-    summary = Table(title="summary" + (f" (95% intervals: {ci['n_boot']:,} bootstrap resamples of "
-                                      f"{ci['unit']}s)" if ci else ""),
-                    title_justify="left", show_header=False)
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    if ci:
-        summary.add_column("95% interval", justify="right")
-    gap = m["accuracy_gap"]
-    gap_style = "bold red" if gap < 0.01 else "green"
-
-    def row(label: str, value: str, key: str | None = None, pct: bool = False) -> None:
-        cells = [label, value]
-        if ci:
-            cells.append(_interval(ci["metrics"].get(key or ""), pct))
-        summary.add_row(*cells)
-
-    row("accuracy", f"[bold]{_pct(m['accuracy'])}[/]", "accuracy", True)
-    row(f"majority baseline (always grade {m['majority_grade']})", _pct(m["majority_accuracy"]))
-    row("gap to baseline", f"[{gap_style}]{gap * 100:+.1f} points[/]")
-    row("balanced accuracy", _pct(m["balanced_accuracy"]), "balanced_accuracy", True)
-    row("macro F1", _pct(m["macro_f1"]), "macro_f1", True)
-    row("quadratic weighted kappa", _num(m["qwk"]), "qwk")
-    row("referable DR (grade >= 2) sensitivity", _pct(ref["sensitivity"]), "referable_sensitivity", True)
-    row("referable DR specificity", _pct(ref["specificity"]), "referable_specificity", True)
-    row("referable DR ROC AUC", _num(ref.get("auc")), "referable_auc")
-    row("one-vs-rest macro AUC", _num(m.get("ovr_macro_auc")), "ovr_macro_auc")
-    console.print(summary)
-    if report.get("patients"):
-        console.print(patient_table(report["patients"]))
-    _render_clinical(report, console)
-    if gap < 0.01:
-        console.print(f"[bold red]warning:[/] accuracy does not beat answering grade {m['majority_grade']} "
-                      f"for every image by 1 point; judge by balanced accuracy, QWK and the confusion table")
-    if report["n_unreadable"]:
-        console.print(f"[yellow]note:[/] {report['n_unreadable']} unreadable image(s) left out")
-    console.print(f"[dim]{report['n_images']:,} images in {report['seconds']:.1f}s "
-                  f"({report['images_per_second']:,.1f} img/s) on {report['runtime']}[/]")
-
-
-def _render_clinical(report: dict, console: Console) -> None:
-    """Issue #15's frozen operating point, calibration and fusion (reporting.render_clinical)."""
-    from retinocli.reporting import render_clinical as rc
-
-    if report.get("operating_point"):
-        console.print(rc.operating_table(report))
-        console.print(rc.operating_line(report), soft_wrap=True, highlight=False)
-    if report.get("calibration"):
-        console.print(rc.calibration_line(report["calibration"]), soft_wrap=True, highlight=False)
-    if report.get("fusion"):
-        console.print(rc.fusion_line(report["fusion"]), soft_wrap=True, highlight=False)
+        console.print(f"best.pt: epoch {result.best_epoch}, val accuracy {tight_pct(b['accuracy'])}, "
+                      f"QWK {b['qwk']:.3f}, balanced accuracy {tight_pct(b['balanced_accuracy'])}")
 
 
 def render_export(result, console: Console) -> None:
@@ -440,7 +315,7 @@ def render_predict_summary(summary, grade_names: list[str], console: Console) ->
     table.caption = f"referable DR (grade >= {REFERABLE_GRADE}): [bold]{summary.referable:,}[/]{share}"
     table.caption_justify = "left"
     console.print(table)
-    from retinocli.reporting.render_clinical import predict_referral_lines
+    from retinocli.reporting.render_evaluate import predict_referral_lines
 
     for text in predict_referral_lines(summary):
         console.print(text, soft_wrap=True, highlight=False)
