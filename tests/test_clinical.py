@@ -1,4 +1,4 @@
-"""Tests for retinocli.reporting.clinical and retinocli.reporting.calibration: each statistic against an
+"""Tests for retinocli.reporting.clinical, .bootstrap and .calibration: each statistic against an
 independent computation (scikit-learn, scipy, numpy on explicitly resampled data, or a
 hand-worked example)."""
 
@@ -16,6 +16,7 @@ import pytest
 from sklearn import metrics as skm
 
 from retinocli import GRADE_NAMES, RetinoError
+from retinocli.reporting import bootstrap as bs
 from retinocli.reporting import calibration as cal
 from retinocli.reporting import clinical as c
 from retinocli.reporting import metrics as m
@@ -99,7 +100,7 @@ def data(n=300, seed=0):
 
 def test_point_estimates_equal_metrics_and_sklearn():
     t, p = data()
-    r = c.bootstrap_ci(t, p.argmax(1), p, n_boot=20)["metrics"]
+    r = bs.bootstrap_ci(t, p.argmax(1), p, n_boot=20)["metrics"]
     s = m.summarize(t, p.argmax(1), p)
     for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "ovr_macro_auc"):
         assert r[k]["estimate"] == pytest.approx(s[k], abs=1e-12)
@@ -114,8 +115,8 @@ def test_point_estimates_equal_metrics_and_sklearn():
 def test_each_resample_equals_sklearn_on_the_resampled_data():
     t, p = data(120, seed=1)
     groups = np.arange(120) // 2
-    w = next(c._weights(groups, 120, 5, seed=7))
-    _, score = c._scorer(t, p.argmax(1), p, None, 0.4, 5)
+    w = next(bs.resample_weights(groups, 120, 5, seed=7))
+    _, score = bs.metric_scorer(t, p.argmax(1), p, None, 0.4, 5)
     rows = score(w)
     for b in range(5):
         idx = np.repeat(np.arange(120), w[b].astype(int))  # the resample, made explicit
@@ -138,23 +139,23 @@ def test_weighted_auc_handles_ties_like_sklearn():
     y = rng.integers(0, 2, 80).astype(bool)
     s = rng.integers(0, 6, 80).astype(float)  # many ties
     w = rng.integers(0, 4, (3, 80)).astype(float)
-    got = c._weighted_auc(y, s, w)
+    got = bs.weighted_auc(y, s, w)
     for b in range(3):
         assert got[b] == pytest.approx(skm.roc_auc_score(y, s, sample_weight=w[b]))
-    assert c._weighted_auc(y, s, np.ones((1, 80)))[0] == pytest.approx(m.roc_auc(y, s))
+    assert bs.weighted_auc(y, s, np.ones((1, 80)))[0] == pytest.approx(m.roc_auc(y, s))
 
 
 def test_bootstrap_is_reproducible_with_a_seed():
     t, p = data(100)
-    a = c.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=5)
-    assert a == c.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=5)
-    assert a != c.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=6)
+    a = bs.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=5)
+    assert a == bs.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=5)
+    assert a != bs.bootstrap_ci(t, p.argmax(1), p, n_boot=200, seed=6)
     json.dumps(a)  # plain types only
 
 
 def test_cluster_resampling_draws_both_eyes_together():
     groups = np.repeat(np.arange(50), 2)  # images 2i and 2i+1: the two eyes of patient i
-    w = np.vstack(list(c._weights(groups, 100, 300, seed=0)))
+    w = np.vstack(list(bs.resample_weights(groups, 100, 300, seed=0)))
     assert w.shape == (300, 100)
     assert np.array_equal(w[:, 0::2], w[:, 1::2])
     assert np.all(w.sum(axis=1) == 100)  # 50 patients drawn, 2 images each
@@ -165,7 +166,7 @@ def test_cluster_resampling_draws_both_eyes_together():
     pred = np.where(np.repeat(rng.random(200) < 0.7, 2), t, (t + 1) % 5)
     width = {}
     for unit, g in (("image", None), ("patient", np.repeat(np.arange(200), 2))):
-        r = c.bootstrap_ci(t, pred, groups=g, n_boot=500)
+        r = bs.bootstrap_ci(t, pred, groups=g, n_boot=500)
         assert r["unit"] == unit and r["n_units"] == (400 if g is None else 200)
         acc = r["metrics"]["accuracy"]
         width[unit] = acc["high"] - acc["low"]
@@ -180,15 +181,15 @@ def test_interval_covers_a_known_accuracy():
     for i in range(200):
         t = rng.integers(0, 5, 150)
         pred = np.where(rng.random(150) < 0.8, t, (t + rng.integers(1, 5, 150)) % 5)
-        acc = c.bootstrap_ci(t, pred, n_boot=200, seed=i)["metrics"]["accuracy"]
+        acc = bs.bootstrap_ci(t, pred, n_boot=200, seed=i)["metrics"]["accuracy"]
         covered += acc["low"] <= 0.8 <= acc["high"]
     assert 0.88 <= covered / 200 <= 0.99
 
 
 def test_undefined_resamples_are_skipped_and_counted():
     t, pred = np.array([0, 0, 3]), np.array([0, 0, 3])
-    r = c.bootstrap_ci(t, pred, n_boot=1000, seed=0)
-    w = np.vstack(list(c._weights(None, 3, 1000, seed=0)))
+    r = bs.bootstrap_ci(t, pred, n_boot=1000, seed=0)
+    w = np.vstack(list(bs.resample_weights(None, 3, 1000, seed=0)))
     no_referable = int(np.sum(w[:, 2] == 0))  # about (2/3)^3 of resamples
     assert 200 < no_referable < 400
     assert r["metrics"]["referable_sensitivity"]["skipped"] == no_referable
@@ -336,11 +337,11 @@ def test_paired_bootstrap_verdicts():
     t = rng.integers(0, 5, 400)
     weak, strong = noisy_probs(rng, t, 0.8), noisy_probs(rng, t, 3.0)
     groups = np.arange(400) // 2
-    same = c.paired_bootstrap(t, weak, weak, groups=groups, n_boot=300)["metrics"]
+    same = bs.paired_bootstrap(t, weak, weak, groups=groups, n_boot=300)["metrics"]
     for r in same.values():
         assert (r["estimate"], r["low"], r["high"]) == (0, 0, 0)
         assert r["verdict"] == "not distinguishable from zero"
-    better = c.paired_bootstrap(t, strong, weak, groups=groups, n_boot=300)["metrics"]
+    better = bs.paired_bootstrap(t, strong, weak, groups=groups, n_boot=300)["metrics"]
     assert better["qwk"]["estimate"] == pytest.approx(
         skm.cohen_kappa_score(t, strong.argmax(1), weights="quadratic")
         - skm.cohen_kappa_score(t, weak.argmax(1), weights="quadratic"))
@@ -359,7 +360,7 @@ def test_paired_arrays_align_two_files_by_image():
     assert np.array_equal(x["y_true"], t[order])
     assert np.allclose(x["probs_a"], pa[order], atol=1e-6) and np.allclose(x["probs_b"], pb[order], atol=1e-6)
     assert x["groups"].tolist() == [n.split("_")[0] for n in np.array(names)[order]]
-    r = c.paired_bootstrap(**x, n_boot=50)
+    r = bs.paired_bootstrap(**x, n_boot=50)
     assert r["unit"] == "patient" and r["n_units"] == 20
     with pytest.raises(RetinoError, match="same images"):
         c.paired_arrays(a, b.iloc[1:])
@@ -401,11 +402,11 @@ def test_real_eyepacs_patients_and_patient_bootstrap():
     assert (table["eyes"] == "left,right").all()
     worse = labels.assign(p=labels["image"].str.split("_").str[0]).groupby("p")["level"].max()
     assert (table.set_index("patient")["true_grade"] == worse).all()
-    r = c.bootstrap_ci(**c.prediction_arrays(df), n_boot=100)
+    r = bs.bootstrap_ci(**c.prediction_arrays(df), n_boot=100)
     assert r["unit"] == "patient" and r["n_units"] == len(table) and r["n_images"] == len(df)
     # patient-level screening scores: one row per patient, the worse eye's grade
-    pr = c.bootstrap_ci(table["true_grade"], table["predicted_grade"],
-                        referable_score=table["referable_prob"], n_boot=100)["metrics"]
+    pr = bs.bootstrap_ci(table["true_grade"], table["predicted_grade"],
+                         referable_score=table["referable_prob"], n_boot=100)["metrics"]
     assert pr["referable_auc"]["estimate"] == pytest.approx(
         skm.roc_auc_score(table["true_referable"], table["referable_prob"]))
     assert pr["qwk"]["estimate"] == pytest.approx(skm.cohen_kappa_score(

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = ("retinocli", "retinocli.rundir", "retinocli.errors", "retinocli.config", "retinocli.events", "retinocli.machine",
               "retinocli.cli", "retinocli.data", "retinocli.imaging", "retinocli.deploy",
-              "retinocli.reporting.metrics", "retinocli.reporting.clinical",
+              "retinocli.reporting.metrics", "retinocli.reporting.bootstrap", "retinocli.reporting.clinical",
               "retinocli.reporting.calibration", "retinocli.models.grading", "retinocli.models.cutpoints",
               "retinocli.reporting.study", "retinocli.engine.seeds",
               "retinocli.models.freeze", "retinocli.reporting.referral", "retinocli.reporting.render_evaluate",

@@ -1,5 +1,5 @@
 """Seeds and paired comparison (reporting/study.py): recipes from configs, mean ± sd against the
-statistics module, the pooled paired bootstrap against scikit-learn and clinical.paired_bootstrap.
+statistics module, the pooled paired bootstrap against scikit-learn and bootstrap.paired_bootstrap.
 
 The run folders here are written by hand (config.json, history.csv, metrics.json from the real
 metrics module, predictions.csv through the real schema): no training, no torch.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from retinocli.reporting import clinical, metrics
+from retinocli.reporting import bootstrap, metrics
 from retinocli.reporting import study as st
 from retinocli.reporting.report import write_report
 from retinocli.reporting.runs import load_runs
@@ -37,13 +37,13 @@ def pooled_qwk(t, probs):
 # ------------------------------------------------------------------ the bootstrap itself
 
 
-def test_one_run_per_recipe_is_clinicals_paired_bootstrap():
+def test_one_run_per_recipe_is_the_paired_bootstrap():
     rng = np.random.default_rng(0)
     t = rng.integers(0, 5, 200)
     a, b = noisy_probs(rng, t, 1.5), noisy_probs(rng, t, 1.0)
     groups = np.arange(200) // 2
     ours = st.seed_paired_bootstrap(t, a.argmax(1), a, b.argmax(1), b, groups=groups, n_boot=200, seed=4)
-    theirs = clinical.paired_bootstrap(t, a, b, groups=groups, n_boot=200, seed=4)
+    theirs = bootstrap.paired_bootstrap(t, a, b, groups=groups, n_boot=200, seed=4)
     assert ours["metrics"] == theirs["metrics"]
     assert (ours["unit"], ours["n_units"], ours["seeds_a"], ours["seeds_b"]) == ("patient", 100, 1, 1)
 

@@ -4,7 +4,7 @@
     decode_batches   decode in a thread pool, in order, a few batches ahead of the model
     predict_folder   one row per image (retinocli.deploy.schema) to CSV or JSON lines, flushed
                      batch by batch, so an interrupted run resumes where it stopped and
-                     never repeats an image
+                     never repeats an image (reading the earlier rows: retinocli.deploy.resume)
 
 An unreadable file is a row with status "error" and the reason, never a stopped run; a
 resumed run reads it again.
@@ -13,14 +13,10 @@ resumed run reads it again.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import os
-import shutil
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +26,7 @@ import numpy as np
 
 from retinocli.deploy import schema
 from retinocli.deploy.patients import patients_target, read_output, write_patients
+from retinocli.deploy.resume import Earlier, read_earlier
 from retinocli.errors import RetinoError
 from retinocli.events import Emitter, EventsLike, emitter
 from retinocli.data.files import IMAGE_EXTENSIONS
@@ -204,113 +201,6 @@ def decode_batches(paths: Iterable, preprocess: Preprocess, *, batch_size: int =
 _END = object()
 
 
-# --------------------------------------------------------------------------- resume
-
-_RESTART = "cannot resume it (pass --force to start over)"
-
-
-@dataclass
-class _Earlier:
-    """What an earlier run left in the output file.
-
-    Attributes:
-        graded: path -> predicted grade of every row kept (status ok).
-        retry: paths whose rows said error; dropped from the file, to be read again.
-    """
-
-    graded: dict[str, int | None] = field(default_factory=dict)
-    retry: set[str] = field(default_factory=set)
-    referred: set[str] = field(default_factory=set)  # graded paths whose referable is yes
-
-
-def _read_earlier(out: Path, fieldnames: Sequence[str], json_lines: bool) -> _Earlier:
-    """Read ``out`` for ``--resume``: keep its graded rows, drop its error rows for a retry.
-
-    A last line without its newline is what a kill leaves mid-write: once the complete
-    rows are known to be this model's predictions, it is cut off, so the resumed run
-    rewrites that image. A file written by anything else is refused untouched. When rows
-    with status error are dropped, the file is rewritten atomically (a temporary file,
-    then a rename): a kill during the rewrite leaves the old file or the new one.
-    """
-    data = out.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    text = complete.decode("utf-8", errors="surrogateescape")
-    if not text:
-        # Only a torn first line: start over, if it is the start of what this run writes.
-        first = ("{" + json.dumps(fieldnames[0]) + ": " if json_lines else ",".join(fieldnames)).encode()
-        if data and not (first.startswith(data) or data.startswith(first)):
-            raise RetinoError(f"{out} is not {'JSON lines' if json_lines else 'CSV'} predictions (one "
-                              f"incomplete line); {_RESTART}")
-        _truncate(out, 0)
-        return _Earlier()
-    looks_json = text.lstrip().startswith("{")
-    if looks_json != json_lines:
-        kind, flag = ("JSON lines", "with --json") if looks_json else ("CSV", "without --json")
-        raise RetinoError(f"{out} holds {kind}; resume it {flag}")
-    what = "this model's predictions"
-    rows: list[dict[str, Any]] = []
-    if json_lines:
-        lines = [line for line in text.splitlines() if line.strip()]
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise RetinoError(f"{out}: line {n} is not a predictions row; {_RESTART}")
-            reason = schema.refusal(out if n == 1 else f"{out}: line {n}", list(row), fieldnames, what=what,
-                                    remedy=_RESTART)
-            if reason:
-                raise RetinoError(reason)
-            rows.append(row)
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None) or []
-        reason = schema.refusal(out, header, fieldnames, what=what, remedy=_RESTART)
-        if reason:
-            raise RetinoError(reason)
-        for n, cells in enumerate(reader, 2):
-            if len(cells) != len(fieldnames):
-                raise RetinoError(f"{out}: row {n} has {len(cells)} columns, expected "
-                                  f"{len(fieldnames)}; {_RESTART}")
-            rows.append(dict(zip(fieldnames, cells)))
-
-    if len(complete) != len(data):  # only now that the file is known to be ours
-        _truncate(out, len(complete))
-    earlier = _Earlier()
-    kept = []
-    for row in rows:
-        if row[schema.STATUS] == schema.OK:
-            grade = row[schema.PREDICTED_GRADE]
-            earlier.graded[row[schema.PATH]] = int(grade) if grade not in ("", None) else None
-            earlier.retry.discard(row[schema.PATH])
-            if row[schema.REFERABLE] == schema.YES:
-                earlier.referred.add(row[schema.PATH])
-            kept.append(row)
-        else:
-            earlier.retry.add(row[schema.PATH])
-    if len(kept) < len(rows):
-        _rewrite(out, fieldnames, kept, json_lines)
-    return earlier
-
-
-def _truncate(out: Path, size: int) -> None:
-    with open(out, "r+b") as fh:
-        fh.truncate(size)
-
-
-def _rewrite(out: Path, fieldnames: Sequence[str], rows: list[dict[str, Any]], json_lines: bool) -> None:
-    """Replace ``out`` with ``rows`` (as read: CSV cells stay the same text) in one rename."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        writer = schema.RowWriter(fh, fieldnames, json_lines=json_lines)
-        writer.header()
-        writer.write(rows)
-        os.fsync(fh.fileno())
-    shutil.copymode(out, tmp)
-    os.replace(tmp, out)
-
-
 # --------------------------------------------------------------------------- predict
 
 #: A run shorter than this has no meaningful rate (the clock measures set-up, not images).
@@ -427,7 +317,7 @@ def _grade_into(target, todo: list[Path], model: OnnxGrader, root: Path, *, fiel
     return results, kept, bad
 
 
-def _tally(keys: list[str], results: dict[str, tuple], earlier: _Earlier,
+def _tally(keys: list[str], results: dict[str, tuple], earlier: Earlier,
            k: int) -> tuple[list[int], int, list[tuple[str, str]], int]:
     """Per-grade counts, unreadable count and examples, and images referred, over this run's rows
     and those kept from an earlier run."""
@@ -444,6 +334,23 @@ def _tally(keys: list[str], results: dict[str, tuple], earlier: _Earlier,
             if len(examples) < _ERROR_EXAMPLES:
                 examples.append((key, reason))
     return counts, errors, examples, referred
+
+
+def _open_output(path: Path | None, stream: TextIO | None, *, resume: bool, fieldnames: list[str],
+                 json_lines: bool, notes: list[str]) -> tuple[Earlier, Any, bool]:
+    """What an earlier run left in ``path`` (read with ``resume``; a note when there is none yet),
+    the output to write (``path`` opened, or ``stream``) and whether it is appended to (no header)."""
+    earlier = Earlier()
+    if resume and path is not None and path.exists():
+        earlier = read_earlier(path, fieldnames, json_lines)
+    elif resume:
+        notes.append(f"nothing to resume: {path} does not exist yet")
+    append = resume and path is not None and path.exists() and path.stat().st_size > 0
+    if path is None:
+        return earlier, contextlib.nullcontext(stream), append
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a" if append else "w", encoding="utf-8", errors="surrogateescape", newline="")
+    return earlier, fh, append
 
 
 def _image_name(path: Path, root: Path) -> str:
@@ -504,21 +411,11 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
                                           force=force, resume=resume, fuse_eyes=fuse_eyes)
     notes += [note] if note else []
 
-    earlier = _Earlier()
-    if resume and path is not None and path.exists():
-        earlier = _read_earlier(path, fieldnames, json_lines)
-    elif resume:
-        notes.append(f"nothing to resume: {path} does not exist yet")
+    earlier, target, append = _open_output(path, stream, resume=resume, fieldnames=fieldnames,
+                                           json_lines=json_lines, notes=notes)
     keys = [str(p) for p in images]
     todo = [p for p, key in zip(images, keys) if key not in earlier.graded]
     retried = sum(str(p) in earlier.retry for p in todo)
-
-    append = resume and path is not None and path.exists() and path.stat().st_size > 0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        target = open(path, "a" if append else "w", encoding="utf-8", errors="surrogateescape", newline="")
-    else:
-        target = contextlib.nullcontext(stream)
     say = emitter(events)
     say.started(TASK, total=len(todo))
     start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Clinical honesty (#15): patients, confidence intervals, a frozen referral threshold,
-both-eye fusion and seed/paired comparisons.
+"""Clinical honesty (#15): patients, a frozen referral threshold, both-eye fusion and seed
+summaries; the confidence intervals are :mod:`retinocli.reporting.bootstrap`'s.
 
 Screening programmes judge a grader on patients, with confidence intervals, at an operating
 point fixed before the test set is seen (the IDx-DR pivotal trial: sensitivity 87.2 %,
@@ -10,18 +10,17 @@ scikit-learn is imported by :func:`fit_fusion` alone, never at predict time. No 
 Public API (one-line contracts; details in each docstring):
 
 * :func:`patient_ids` / :func:`patient_table`: images -> patients, worse eye decides.
-* :func:`bootstrap_ci`: seeded percentile intervals, resampling patients when known.
-* :func:`paired_bootstrap` / :func:`paired_arrays`: two models on the same images.
+* :func:`prediction_arrays` / :func:`paired_arrays`: the arrays of one model's predictions, or
+  of two models' on the same images, that the intervals of :mod:`retinocli.reporting.bootstrap`
+  take (:func:`~retinocli.reporting.bootstrap.bootstrap_ci`, ``paired_bootstrap``).
 * :func:`choose_threshold` / :func:`operating_point`: a referral threshold frozen on validation.
 * :func:`fit_fusion` / :func:`apply_fusion` / :func:`fuse` / :func:`check_fusion`: fellow-eye fusion.
 * :func:`summarise_seeds`: mean and sd of each metric over runs.
-* :func:`prediction_arrays`: the arrays the functions above take, from a predictions frame.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,17 +38,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
-    "METRICS", "apply_fusion", "bootstrap_ci", "check_fusion", "choose_threshold",
-    "fellow_probs", "fit_fusion", "fuse", "operating_point", "paired_arrays",
-    "paired_bootstrap", "patient_ids", "patient_table", "prediction_arrays", "summarise_seeds",
+    "apply_fusion", "check_fusion", "choose_threshold", "fellow_probs", "fit_fusion", "fuse", "ok_mask",
+    "operating_point", "paired_arrays", "patient_ids", "patient_table", "prediction_arrays",
+    "summarise_seeds",
 ]
 
-#: The headline metrics :func:`bootstrap_ci` reports, in order.
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "ovr_macro_auc",
-           "referable_auc", "referable_sensitivity", "referable_specificity")
 PATIENT, EYE = "patient", "eye"
-#: Resamples are computed in chunks of at most this many (resample, image) weights.
-_CHUNK_CELLS = 4_000_000
 
 
 # ------------------------------------------------------------------------------ patients
@@ -80,14 +74,14 @@ def _ids(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return patients, eyes
 
 
-def _ok_mask(df: pd.DataFrame) -> np.ndarray:
+def ok_mask(df: pd.DataFrame) -> np.ndarray:
     """Rows with a prediction: unreadable images (status error) carry none."""
     ok = df[PREDICTED_GRADE].notna().to_numpy()
     return ok & (df[STATUS].astype(str) == OK).to_numpy() if STATUS in df.columns else ok
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[_ok_mask(df)]
+    return df[ok_mask(df)]
 
 
 def patient_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -138,7 +132,7 @@ def patient_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def prediction_arrays(df: pd.DataFrame, *, by_patient: bool = True) -> dict[str, Any]:
     """``y_true``, ``y_pred``, ``probs``, ``referable_score`` and ``groups`` of a labelled
-    predictions frame: the keyword arguments of :func:`bootstrap_ci`.
+    predictions frame: the keyword arguments of :func:`retinocli.reporting.bootstrap.bootstrap_ci`.
 
     ``groups`` are the patient ids (:func:`patient_ids`) when ``by_patient``, else None.
     """
@@ -158,7 +152,8 @@ def prediction_arrays(df: pd.DataFrame, *, by_patient: bool = True) -> dict[str,
 
 def paired_arrays(a: pd.DataFrame, b: pd.DataFrame, *, by_patient: bool = True) -> dict[str, Any]:
     """``y_true``, ``probs_a``, ``probs_b`` and ``groups`` of two models' labelled predictions
-    on the same images, aligned by image name: the arguments of :func:`paired_bootstrap`.
+    on the same images, aligned by image name: the arguments of
+    :func:`retinocli.reporting.bootstrap.paired_bootstrap`.
 
     Raises:
         RetinoError: when the two frames do not hold the same images with the same grades.
@@ -177,188 +172,6 @@ def paired_arrays(a: pd.DataFrame, b: pd.DataFrame, *, by_patient: bool = True) 
             "groups": None if x["groups"] is None else x["groups"][order]}
 
 
-# ----------------------------------------------------------------------------- bootstrap
-
-
-def _weights(groups: ArrayLike | None, n: int, n_boot: int, seed: int):
-    """Yield ``(chunk, n)`` resampling weights: how often each image is drawn.
-
-    Clusters (patients) are drawn with replacement and carry all their images along, so
-    the two eyes of a patient always enter a resample together. Chunks keep memory flat.
-    """
-    if groups is None:
-        gidx, n_groups = np.arange(n), n
-    else:
-        labels = np.asarray(groups).astype(str)
-        if labels.shape != (n,):
-            raise ValueError(f"groups must hold {n} ids, got shape {labels.shape}")
-        _, gidx = np.unique(labels, return_inverse=True)
-        n_groups = int(gidx.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
-    step = max(1, _CHUNK_CELLS // max(n, n_groups, 1))
-    for start in range(0, n_boot, step):
-        b = min(step, n_boot - start)
-        draws = rng.integers(0, n_groups, size=(b, n_groups))
-        counts = np.bincount((draws + n_groups * np.arange(b)[:, None]).ravel(),
-                             minlength=b * n_groups).reshape(b, n_groups)
-        yield counts[:, gidx].astype(np.float64)
-
-
-def _weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUC for each row of weights ``w`` (Mann-Whitney, ties count one half).
-
-    With integer weights this is :func:`metrics.roc_auc` on the resampled data; ``nan``
-    where a row has no positive or no negative weight.
-    """
-    order = np.argsort(scores, kind="stable")
-    s, pos, w = scores[order], positive[order], w[:, order]
-    wp, wn = w * pos, w * ~pos
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
-    if starts.size < s.size:  # tied scores: one block per distinct score (skipped when none)
-        wp, wn = np.add.reduceat(wp, starts, axis=1), np.add.reduceat(wn, starts, axis=1)
-    below = np.cumsum(wn, axis=1) - wn
-    num = (wp * (below + 0.5 * wn)).sum(axis=1)
-    den = wp.sum(axis=1) * wn.sum(axis=1)
-    return metrics._divide(num, den, float("nan"))
-
-
-def _scorer(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None,
-            referable_score: ArrayLike | None, threshold: float | None,
-            num_classes: int) -> tuple[int, Callable[[np.ndarray], dict[str, np.ndarray]]]:
-    """Validate once; return ``n`` and a function from weights ``(B, n)`` to metric rows."""
-    t, p = metrics._pair(y_true, y_pred, num_classes)
-    n = t.size
-    if n == 0:
-        raise ValueError("cannot bootstrap zero predictions")
-    pr = None if probs is None else metrics._probs(probs, n, num_classes)
-    if referable_score is None and pr is not None:
-        referable_score = pr[:, REFERABLE_GRADE:].sum(axis=1)
-    rs = None if referable_score is None else metrics._scores(referable_score, n, "referable_score")
-    if threshold is not None and rs is None:
-        raise ValueError("a threshold needs a referable score (or probs)")
-    cells = np.eye(num_classes * num_classes)[t * num_classes + p]  # (n, K*K) one-hot
-    ref_true = t >= REFERABLE_GRADE
-    ref_pred = p >= REFERABLE_GRADE if threshold is None else rs >= threshold
-
-    def score(w: np.ndarray) -> dict[str, np.ndarray]:
-        cms = (w @ cells).reshape(-1, num_classes, num_classes)
-        rows = {name: np.array([f(cm) for cm in cms]) for name, f in (
-            ("accuracy", metrics._accuracy), ("balanced_accuracy", metrics._balanced_accuracy),
-            ("macro_f1", metrics._macro_f1), ("qwk", metrics._qwk))}
-        if pr is not None:
-            per_grade = np.stack([_weighted_auc(t == k, pr[:, k], w) for k in range(num_classes)])
-            with np.errstate(all="ignore"), warnings.catch_warnings():  # all-nan: a skipped resample
-                warnings.simplefilter("ignore", RuntimeWarning)
-                present = (w @ (t[:, None] == np.arange(num_classes))).T > 0
-                macro = np.nanmean(np.where(present, per_grade, np.nan), axis=0)
-            rows["ovr_macro_auc"] = macro
-        if rs is not None:
-            rows["referable_auc"] = _weighted_auc(ref_true, rs, w)
-        pos, neg = w @ ref_true, w @ ~ref_true
-        rows["referable_sensitivity"] = metrics._divide(w @ (ref_true & ref_pred), pos, np.nan)
-        rows["referable_specificity"] = metrics._divide(w @ (~ref_true & ~ref_pred), neg, np.nan)
-        return rows
-
-    return n, score
-
-
-def _interval(estimate: float, samples: np.ndarray, level: float) -> dict[str, Any]:
-    ok = samples[~np.isnan(samples)]
-    lo, hi = (np.percentile(ok, [50 * (1 - level), 50 * (1 + level)]) if ok.size
-              else (np.nan, np.nan))
-    return {"estimate": float(estimate), "low": float(lo), "high": float(hi),
-            "skipped": int(samples.size - ok.size)}
-
-
-def _run(score, n: int, groups, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    chunks = [score(w) for w in _weights(groups, n, n_boot, seed)]
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-
-def _meta(groups, n: int, n_boot: int, seed: int, level: float) -> dict[str, Any]:
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    units = n if groups is None else len(set(np.asarray(groups).astype(str).tolist()))
-    return {"unit": "image" if groups is None else "patient", "n_units": units, "n_images": n,
-            "n_boot": n_boot, "seed": seed, "level": level}
-
-
-def bootstrap_ci(y_true: ArrayLike, y_pred: ArrayLike, probs: ArrayLike | None = None, *,
-                 referable_score: ArrayLike | None = None, groups: ArrayLike | None = None,
-                 threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, num_classes: int = NUM_GRADES) -> dict[str, Any]:
-    """Percentile bootstrap intervals for the headline metrics of :data:`METRICS`.
-
-    Each resample draws units with replacement: patients when ``groups`` (one id per
-    image) is given, images otherwise. Every metric is the one of :mod:`retinocli.reporting.metrics`
-    on the resampled data (computed from bincount-style weighted confusion matrices, so a
-    resample costs no copy). A metric undefined in a resample (one class only) is left out
-    of that metric's interval and counted in ``skipped``. Same input and seed, same interval.
-
-    Args:
-        y_true, y_pred: grades per image (or per patient, from :func:`patient_table`).
-        probs: ``(n, num_classes)`` probabilities; adds ``ovr_macro_auc`` and, without
-            ``referable_score``, a referable score = the summed probability of grades >= 2.
-        referable_score: the referable-DR score; adds ``referable_auc``.
-        groups: cluster id per row (patient ids); None resamples rows.
-        threshold: referable when ``referable_score >= threshold`` (a frozen operating point,
-            :func:`choose_threshold`); None uses ``y_pred >= 2``.
-        n_boot: resamples. seed: the generator's seed. level: interval coverage.
-
-    Returns:
-        ``{"unit", "n_units", "n_images", "n_boot", "seed", "level", "threshold",
-        "metrics": {name: {"estimate", "low", "high", "skipped"}}}``, JSON-serialisable.
-    """
-    n, score = _scorer(y_true, y_pred, probs, referable_score, threshold, num_classes)
-    meta = _meta(groups, n, n_boot, seed, level)
-    point = score(np.ones((1, n)))
-    samples = _run(score, n, groups, n_boot, seed)
-    return {**meta, "threshold": threshold,
-            "metrics": {k: _interval(point[k][0], samples[k], level) for k in point}}
-
-
-def paired_bootstrap(y_true: ArrayLike, probs_a: ArrayLike, probs_b: ArrayLike, *,
-                     groups: ArrayLike | None = None,
-                     metric_names: Sequence[str] = ("qwk", "referable_auc"),
-                     n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
-    """Bootstrap the difference A - B of two models' metrics on the same images.
-
-    Both models are scored on the same resample (patients drawn jointly when ``groups``),
-    so what they share cancels and the interval is that of the difference. Predictions are
-    the argmax of the probabilities, the referable score their sum over grades >= 2.
-
-    Returns:
-        Meta as :func:`bootstrap_ci`, and ``metrics: {name: {"estimate", "low", "high",
-        "skipped", "verdict"}}``; the verdict is ``"distinguishable from zero"`` when the
-        interval excludes 0, else ``"not distinguishable from zero"``.
-    """
-    pa, pb = np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
-    if pa.shape != pb.shape or pa.ndim != 2:
-        raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must be the same (n, K)")
-    scorers = [_scorer(y_true, p.argmax(axis=1), p, None, None, p.shape[1]) for p in (pa, pb)]
-    n = scorers[0][0]
-    meta = _meta(groups, n, n_boot, seed, level)
-    unknown = set(metric_names) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
-
-    def diff(w: np.ndarray) -> dict[str, np.ndarray]:
-        a, b = (s(w) for _, s in scorers)
-        return {k: a[k] - b[k] for k in metric_names}
-
-    point = diff(np.ones((1, n)))
-    samples = _run(diff, n, groups, n_boot, seed)
-    out = {}
-    for k in metric_names:
-        r = _interval(point[k][0], samples[k], level)
-        r["verdict"] = ("distinguishable from zero" if r["low"] > 0 or r["high"] < 0
-                        else "not distinguishable from zero")
-        out[k] = r
-    return {**meta, "metrics": out}
-
-
 # ---------------------------------------------------------------------- operating point
 
 
@@ -368,13 +181,13 @@ def operating_point(y_true: ArrayLike, referable_score: ArrayLike, threshold: fl
     ``y_true`` are grades (referable when >= 2). Apply a threshold frozen on validation
     (:func:`choose_threshold`) to the test set; never re-choose it there.
     """
-    t = metrics._labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
-    refer = metrics._scores(referable_score, t.size, "referable_score") >= threshold
+    t = metrics.check_labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
+    refer = metrics.check_scores(referable_score, t.size, "referable_score") >= threshold
     c = {"tp": int(np.sum(t & refer)), "fn": int(np.sum(t & ~refer)),
          "fp": int(np.sum(~t & refer)), "tn": int(np.sum(~t & ~refer))}
     return {"threshold": float(threshold),
-            "sensitivity": metrics._ratio(c["tp"], c["tp"] + c["fn"]),
-            "specificity": metrics._ratio(c["tn"], c["tn"] + c["fp"]), **c}
+            "sensitivity": metrics.ratio(c["tp"], c["tp"] + c["fn"]),
+            "specificity": metrics.ratio(c["tn"], c["tn"] + c["fp"]), **c}
 
 
 def choose_threshold(y_true: ArrayLike, referable_score: ArrayLike,
@@ -394,7 +207,7 @@ def choose_threshold(y_true: ArrayLike, referable_score: ArrayLike,
     """
     if not 0 < target_sensitivity <= 1:
         raise RetinoError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
-    t = metrics._labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
+    t = metrics.check_labels(y_true, NUM_GRADES, "y_true") >= REFERABLE_GRADE
     if not t.any():
         raise RetinoError("cannot choose a referral threshold: the validation set has no "
                           "referable (grade >= 2) image")
@@ -509,7 +322,7 @@ def apply_fusion(df: pd.DataFrame, model: Mapping[str, Any]) -> pd.DataFrame:
     Fellows are looked up among the rows of ``df`` itself, so pass both eyes together.
     """
     out = df.copy()
-    ok = _ok_mask(out)
+    ok = ok_mask(out)
     sub = out[ok]
     fellow, has = fellow_probs(sub)
     k = int(check_fusion(model)["num_grades"])

@@ -8,7 +8,7 @@ Both back ends see identical inputs: images are decoded and prepared with numpy/
 ``predictions.csv`` (one row per image, :mod:`retinocli.deploy.schema` with ``true_grade``) and,
 where the image names carry patients (``10_left``), ``patients.csv`` (the worse eye decides), and
 returns them. Every headline metric gets a seeded bootstrap 95 % interval
-(:func:`retinocli.reporting.clinical.bootstrap_ci`), resampling patients where they are known.
+(:func:`retinocli.reporting.bootstrap.bootstrap_ci`), resampling patients where they are known.
 
 torch is imported only when a checkpoint is evaluated; an ONNX model evaluates without it.
 """
@@ -375,11 +375,12 @@ def _clinical_sections(report: dict[str, Any], frame, k: int, n_boot: int, seed:
     with its own intervals. Returns the patient table (None when no name carries a patient).
     """
     from retinocli.reporting import clinical
+    from retinocli.reporting.bootstrap import bootstrap_ci
 
     has_patients = bool(clinical.patient_ids(frame["image"].tolist())[1].astype(bool).any())
     if n_boot:
-        report["intervals"] = clinical.bootstrap_ci(**clinical.prediction_arrays(frame, by_patient=has_patients),
-                                                    n_boot=n_boot, seed=seed, num_classes=k)
+        report["intervals"] = bootstrap_ci(**clinical.prediction_arrays(frame, by_patient=has_patients),
+                                           n_boot=n_boot, seed=seed, num_classes=k)
     if not has_patients:
         return None
     table = clinical.patient_table(frame)
@@ -389,8 +390,8 @@ def _clinical_sections(report: dict[str, Any], frame, k: int, n_boot: int, seed:
                                "with_both_eyes": int((table["eyes"] == "left,right").sum()),
                                "metrics": metrics.summarize(y, pred, None, num_classes=k)}
     if n_boot:
-        section["intervals"] = clinical.bootstrap_ci(y, pred, None, referable_score=score, n_boot=n_boot,
-                                                     seed=seed, num_classes=k)
+        section["intervals"] = bootstrap_ci(y, pred, None, referable_score=score, n_boot=n_boot,
+                                            seed=seed, num_classes=k)
     report["patients"] = section
     return table
 

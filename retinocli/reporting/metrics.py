@@ -26,19 +26,10 @@ from numpy.typing import ArrayLike
 from retinocli import GRADE_NAMES, NUM_GRADES
 
 __all__ = [
-    "REFERABLE_GRADE",
-    "accuracy",
-    "balanced_accuracy",
-    "confusion_matrix",
-    "macro_f1",
-    "majority_baseline",
-    "ovr_macro_auc",
-    "per_class",
-    "quadratic_weighted_kappa",
-    "referable_scores",
-    "roc_auc",
-    "roc_curve",
-    "summarize",
+    "REFERABLE_GRADE", "accuracy", "balanced_accuracy", "check_labels", "check_pair", "check_probs",
+    "check_scores", "cm_accuracy", "cm_balanced_accuracy", "cm_macro_f1", "cm_qwk", "confusion_matrix",
+    "macro_f1", "majority_baseline", "ovr_macro_auc", "per_class", "quadratic_weighted_kappa", "ratio",
+    "referable_scores", "roc_auc", "roc_curve", "safe_divide", "summarize",
 ]
 
 #: Grades at or above this one (moderate, severe, proliferative) are referable DR.
@@ -48,7 +39,7 @@ REFERABLE_GRADE = 2
 # --------------------------------------------------------------------------- validation
 
 
-def _labels(y: ArrayLike, num_classes: int, name: str) -> np.ndarray:
+def check_labels(y: ArrayLike, num_classes: int, name: str) -> np.ndarray:
     """Return ``y`` as a 1-D int64 array of grades in ``[0, num_classes)``."""
     arr = np.asarray(y)
     if arr.ndim != 1:
@@ -69,17 +60,17 @@ def _labels(y: ArrayLike, num_classes: int, name: str) -> np.ndarray:
     return arr
 
 
-def _pair(
-    y_true: ArrayLike, y_pred: ArrayLike, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    t = _labels(y_true, num_classes, "y_true")
-    p = _labels(y_pred, num_classes, "y_pred")
+def check_pair(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`check_labels` of both, which must be the same length."""
+    t = check_labels(y_true, num_classes, "y_true")
+    p = check_labels(y_pred, num_classes, "y_pred")
     if t.shape != p.shape:
         raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}")
     return t, p
 
 
-def _scores(scores: ArrayLike, n: int, name: str = "scores") -> np.ndarray:
+def check_scores(scores: ArrayLike, n: int, name: str = "scores") -> np.ndarray:
+    """Return ``scores`` as ``n`` finite float64 values."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or s.size != n:
         raise ValueError(f"{name} must be 1-D with {n} values, got shape {s.shape}")
@@ -88,7 +79,8 @@ def _scores(scores: ArrayLike, n: int, name: str = "scores") -> np.ndarray:
     return s
 
 
-def _probs(probs: ArrayLike, n: int, num_classes: int) -> np.ndarray:
+def check_probs(probs: ArrayLike, n: int, num_classes: int) -> np.ndarray:
+    """Return ``probs`` as a finite float64 ``(n, num_classes)`` array."""
     p = np.asarray(probs, dtype=np.float64)
     if p.shape != (n, num_classes):
         raise ValueError(f"probs must have shape ({n}, {num_classes}), got {p.shape}")
@@ -104,7 +96,7 @@ def _square(cm: ArrayLike) -> np.ndarray:
     return m
 
 
-def _divide(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
+def safe_divide(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
     """Element-wise ``num / den`` with ``fill`` where ``den == 0``, without warnings."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
@@ -113,7 +105,8 @@ def _divide(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
     return out
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
+    """``num / den`` as a float; ``nan`` when ``den`` is 0."""
     return float(num) / float(den) if den else float("nan")
 
 
@@ -129,7 +122,7 @@ def confusion_matrix(
         ``(num_classes, num_classes)`` int64 array; row = true grade, column = predicted.
         Equals ``sklearn.metrics.confusion_matrix(y_true, y_pred, labels=range(num_classes))``.
     """
-    t, p = _pair(y_true, y_pred, num_classes)
+    t, p = check_pair(y_true, y_pred, num_classes)
     flat = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
@@ -150,18 +143,19 @@ def per_class(cm: ArrayLike) -> dict[str, np.ndarray]:
     predicted = m.sum(axis=0)
     support = m.sum(axis=1)
     return {
-        "precision": _divide(tp, predicted, 0.0),
-        "recall": _divide(tp, support, 0.0),
-        "f1": _divide(2 * tp, predicted + support, 0.0),
+        "precision": safe_divide(tp, predicted, 0.0),
+        "recall": safe_divide(tp, support, 0.0),
+        "f1": safe_divide(2 * tp, predicted + support, 0.0),
         "support": support.astype(np.int64),
     }
 
 
-def _accuracy(cm: np.ndarray) -> float:
-    return _ratio(np.trace(cm), cm.sum())
+# Scores of one confusion matrix (row = true grade), shared with the bootstrap's weighted ones.
+def cm_accuracy(cm: np.ndarray) -> float:
+    return ratio(np.trace(cm), cm.sum())
 
 
-def _balanced_accuracy(cm: np.ndarray) -> float:
+def cm_balanced_accuracy(cm: np.ndarray) -> float:
     support = cm.sum(axis=1)
     present = support > 0
     if not present.any():
@@ -169,14 +163,14 @@ def _balanced_accuracy(cm: np.ndarray) -> float:
     return float(np.mean(np.diag(cm)[present] / support[present]))
 
 
-def _macro_f1(cm: np.ndarray) -> float:
+def cm_macro_f1(cm: np.ndarray) -> float:
     present = (cm.sum(axis=1) > 0) | (cm.sum(axis=0) > 0)
     if not present.any():
         return float("nan")
     return float(np.mean(per_class(cm)["f1"][present]))
 
 
-def _qwk(cm: np.ndarray) -> float:
+def cm_qwk(cm: np.ndarray) -> float:
     k = cm.shape[0]
     grades = np.arange(k)
     # The scale of the weights cancels in the ratio, so (i - j)^2 needs no normalising.
@@ -193,7 +187,7 @@ def _qwk(cm: np.ndarray) -> float:
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int = NUM_GRADES) -> float:
     """Fraction of exact grade matches; ``nan`` for empty input."""
-    return _accuracy(confusion_matrix(y_true, y_pred, num_classes))
+    return cm_accuracy(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def balanced_accuracy(
@@ -204,7 +198,7 @@ def balanced_accuracy(
     Grades absent from ``y_true`` have no recall and are left out, as
     ``sklearn.metrics.balanced_accuracy_score`` does (without its warning).
     """
-    return _balanced_accuracy(confusion_matrix(y_true, y_pred, num_classes))
+    return cm_balanced_accuracy(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int = NUM_GRADES) -> float:
@@ -215,7 +209,7 @@ def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int = NUM_GRADES
     in neither has no errors to score and is left out; a grade seen in only one of them
     scores F1 = 0 and is kept, so predicting a grade that never occurs is penalised.
     """
-    return _macro_f1(confusion_matrix(y_true, y_pred, num_classes))
+    return cm_macro_f1(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def quadratic_weighted_kappa(
@@ -232,7 +226,7 @@ def quadratic_weighted_kappa(
     is already perfect and kappa is 0/0; this returns ``nan`` like sklearn, rather than
     1.0, consistently with an AUC on one class. Empty input also gives ``nan``.
     """
-    return _qwk(confusion_matrix(y_true, y_pred, num_classes))
+    return cm_qwk(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def majority_baseline(y_true: ArrayLike, num_classes: int = NUM_GRADES) -> tuple[int, float]:
@@ -243,7 +237,7 @@ def majority_baseline(y_true: ArrayLike, num_classes: int = NUM_GRADES) -> tuple
     Raises:
         ValueError: if ``y_true`` is empty (there is no most frequent grade).
     """
-    t = _labels(y_true, num_classes, "y_true")
+    t = check_labels(y_true, num_classes, "y_true")
     if t.size == 0:
         raise ValueError("y_true is empty")
     counts = np.bincount(t, minlength=num_classes)
@@ -255,7 +249,7 @@ def majority_baseline(y_true: ArrayLike, num_classes: int = NUM_GRADES) -> tuple
 
 
 def _binary(y_binary: ArrayLike) -> np.ndarray:
-    y = _labels(y_binary, 2, "y_binary")
+    y = check_labels(y_binary, 2, "y_binary")
     return y.astype(bool)
 
 
@@ -280,7 +274,7 @@ def roc_auc(y_binary: ArrayLike, scores: ArrayLike) -> float:
         AUC in [0, 1], or ``nan`` when positives or negatives are absent.
     """
     y = _binary(y_binary)
-    s = _scores(scores, y.size)
+    s = check_scores(scores, y.size)
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -302,7 +296,7 @@ def roc_curve(
         ``tpr`` is.
     """
     y = _binary(y_binary)
-    s = _scores(scores, y.size)
+    s = check_scores(scores, y.size)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     # The last index of each run of equal scores: one point per distinct threshold.
@@ -310,8 +304,8 @@ def roc_curve(
     tps = np.r_[0, np.cumsum(y)[last]]
     fps = np.r_[0, last + 1 - tps[1:]]
     thresholds = np.r_[np.inf, s[last]]
-    fpr = _divide(fps, np.full(fps.shape, fps[-1]), float("nan"))
-    tpr = _divide(tps, np.full(tps.shape, tps[-1]), float("nan"))
+    fpr = safe_divide(fps, np.full(fps.shape, fps[-1]), float("nan"))
+    tpr = safe_divide(tps, np.full(tps.shape, tps[-1]), float("nan"))
     return fpr, tpr, thresholds
 
 
@@ -327,8 +321,8 @@ def ovr_macro_auc(y_true: ArrayLike, probs: ArrayLike) -> float:
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"probs must be 2-D, got shape {p.shape}")
-    t = _labels(y_true, p.shape[1], "y_true")
-    p = _probs(p, t.size, p.shape[1])
+    t = check_labels(y_true, p.shape[1], "y_true")
+    p = check_probs(p, t.size, p.shape[1])
     return _ovr_macro_auc(t, p)
 
 
@@ -354,10 +348,10 @@ def _referable_counts(cm: np.ndarray) -> dict[str, int]:
 def _referable(cm: np.ndarray, t: np.ndarray, p: np.ndarray | None) -> dict[str, Any]:
     c = _referable_counts(cm)
     out: dict[str, Any] = {
-        "sensitivity": _ratio(c["tp"], c["tp"] + c["fn"]),
-        "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
-        "ppv": _ratio(c["tp"], c["tp"] + c["fp"]),
-        "npv": _ratio(c["tn"], c["tn"] + c["fn"]),
+        "sensitivity": ratio(c["tp"], c["tp"] + c["fn"]),
+        "specificity": ratio(c["tn"], c["tn"] + c["fp"]),
+        "ppv": ratio(c["tp"], c["tp"] + c["fp"]),
+        "npv": ratio(c["tn"], c["tn"] + c["fn"]),
         **c,
     }
     if p is not None:
@@ -385,8 +379,8 @@ def referable_scores(
         denominator is zero, e.g. sensitivity with no referable eyes), the counts ``tp``,
         ``fn``, ``fp``, ``tn``, and ``auc`` only when ``probs`` is given.
     """
-    t, p = _pair(y_true, y_pred, num_classes)
-    pr = None if probs is None else _probs(probs, t.size, num_classes)
+    t, p = check_pair(y_true, y_pred, num_classes)
+    pr = None if probs is None else check_probs(probs, t.size, num_classes)
     return _referable(confusion_matrix(t, p, num_classes), t, pr)
 
 
@@ -417,12 +411,12 @@ def summarize(
         ValueError: on empty input, mismatched lengths, labels out of range or a
             ``probs`` of the wrong shape.
     """
-    t, p = _pair(y_true, y_pred, num_classes)
+    t, p = check_pair(y_true, y_pred, num_classes)
     if t.size == 0:
         raise ValueError("cannot summarise zero predictions")
-    pr = None if probs is None else _probs(probs, t.size, num_classes)
+    pr = None if probs is None else check_probs(probs, t.size, num_classes)
     cm = confusion_matrix(t, p, num_classes)
-    acc = _accuracy(cm)
+    acc = cm_accuracy(cm)
     majority_grade, majority_acc = majority_baseline(t, num_classes)
     scores = per_class(cm)
     names = [*GRADE_NAMES, *(f"Grade {k}" for k in range(len(GRADE_NAMES), num_classes))]
@@ -432,11 +426,11 @@ def summarize(
         "majority_grade": majority_grade,
         "majority_accuracy": majority_acc,
         "accuracy_gap": acc - majority_acc,
-        "balanced_accuracy": _balanced_accuracy(cm),
-        "macro_f1": _macro_f1(cm),
-        "qwk": _qwk(cm),
+        "balanced_accuracy": cm_balanced_accuracy(cm),
+        "macro_f1": cm_macro_f1(cm),
+        "qwk": cm_qwk(cm),
         "confusion_matrix": cm.tolist(),
-        "confusion_normalized": _divide(cm, cm.sum(axis=1, keepdims=True), 0.0).tolist(),
+        "confusion_normalized": safe_divide(cm, cm.sum(axis=1, keepdims=True), 0.0).tolist(),
         "per_class": [
             {
                 "grade": k,

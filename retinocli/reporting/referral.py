@@ -51,6 +51,7 @@ def operating_section(y: np.ndarray, pred: np.ndarray, score: np.ndarray, grader
         the counts tp, fn, fp, tn.
     """
     from retinocli.reporting import clinical
+    from retinocli.reporting.bootstrap import bootstrap_ci
     from retinocli.reporting.metrics import REFERABLE_GRADE, roc_auc
 
     threshold = grader.threshold(fused=fused)
@@ -65,8 +66,8 @@ def operating_section(y: np.ndarray, pred: np.ndarray, score: np.ndarray, grader
     names = {"sensitivity": "referable_sensitivity", "specificity": "referable_specificity",
              "referable_auc": "referable_auc"}
     if n_boot:
-        ci = clinical.bootstrap_ci(y, pred, None, referable_score=score, groups=groups, threshold=threshold,
-                                   n_boot=n_boot, seed=seed, num_classes=num_classes)
+        ci = bootstrap_ci(y, pred, None, referable_score=score, groups=groups, threshold=threshold,
+                          n_boot=n_boot, seed=seed, num_classes=num_classes)
         out.update({k: {f: ci["metrics"][m][f] for f in ("estimate", "low", "high")} for k, m in names.items()})
         out.update(unit=ci["unit"], n_boot=n_boot, seed=seed)
     else:

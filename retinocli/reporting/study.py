@@ -20,7 +20,7 @@ not be the difference between the mean ± sd rows printed above it; the pooled m
 a single run's (it is close to the seeds' mean). Why seeds are resampled too: the question is
 whether the difference is more than seed noise (#15), and an interval that held the seeds fixed
 would count only which images happened to be in the test set. With one run per recipe this is
-:func:`retinocli.reporting.clinical.paired_bootstrap` exactly.
+:func:`retinocli.reporting.bootstrap.paired_bootstrap` exactly.
 
 Writes, beside report.md: ``study.json`` (everything), ``seeds.csv`` (recipe x metric: n, mean,
 sd, per-seed values) and ``paired.csv`` (a row per comparison and metric). No torch here.
@@ -53,7 +53,7 @@ from numpy.typing import ArrayLike
 
 from retinocli.config import recipe_key
 from retinocli.errors import RetinoError, atomic_write
-from retinocli.reporting import clinical
+from retinocli.reporting import bootstrap, clinical
 from retinocli.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -66,11 +66,10 @@ METRIC_LABELS = {"val_accuracy": "val accuracy", "val_qwk": "val QWK", "accuracy
                  "referable_sensitivity": "referable sensitivity",
                  "referable_specificity": "referable specificity", "referable_auc": "referable AUC"}
 PERCENT = ("val_accuracy", "accuracy", "balanced_accuracy", "referable_sensitivity", "referable_specificity")
-#: What the paired comparison bootstraps (names of :data:`retinocli.reporting.clinical.METRICS`).
+#: What the paired comparison bootstraps (names of :data:`retinocli.reporting.bootstrap.METRICS`).
 PAIRED_METRICS = ("qwk", "referable_auc")
 N_BOOT, SEED, LEVEL = 1000, 0, 0.95
 STUDY_JSON, SEEDS_CSV, PAIRED_CSV = "study.json", "seeds.csv", "paired.csv"
-YES, NO = "distinguishable from zero", "not distinguishable from zero"
 
 
 # ------------------------------------------------------------------------------ recipes
@@ -186,7 +185,7 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
             (the module doc says why); False holds them fixed.
 
     Returns:
-        As :func:`retinocli.reporting.clinical.paired_bootstrap` (meta, and ``metrics: {name:
+        As :func:`retinocli.reporting.bootstrap.paired_bootstrap` (meta, and ``metrics: {name:
         {"estimate", "low", "high", "skipped", "verdict"}}``), plus ``seeds_a``, ``seeds_b``
         and ``resample_seeds``. The estimate is the pooled metric of A's rows minus B's.
     """
@@ -195,14 +194,12 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
     n = truth.size
     if pa.shape[1:] != (n, pa.shape[2]) or pb.shape[1:] != pa.shape[1:]:
         raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must hold the same {n} images")
-    unknown = set(metric_names) - set(clinical.METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {clinical.METRICS}")
-    # clinical's scorer on each recipe's rows, seed-major: row s * n + i is seed s on image i
-    scorers = [clinical._scorer(np.tile(truth, p.shape[0]), y.ravel(), p.reshape(-1, p.shape[2]), None, None,
-                                p.shape[2])[1] for y, p in ((ya, pa), (yb, pb))]
+    bootstrap.check_metric_names(metric_names)
+    # the bootstrap's scorer on each recipe's rows, seed-major: row s * n + i is seed s on image i
+    scorers = [bootstrap.metric_scorer(np.tile(truth, p.shape[0]), y.ravel(), p.reshape(-1, p.shape[2]), None,
+                                       None, p.shape[2])[1] for y, p in ((ya, pa), (yb, pb))]
     counts = (pa.shape[0], pb.shape[0])
-    meta = clinical._meta(groups, n, n_boot, seed, level)
+    meta = bootstrap.bootstrap_meta(groups, n, n_boot, seed, level)
     seed_rng = np.random.default_rng([seed, 1])  # apart from the patients' draws: one run gives paired_bootstrap's
 
     def rows(w: np.ndarray, s: int) -> np.ndarray:
@@ -219,12 +216,8 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
         return {k: a[k] - b[k] for k in metric_names}
 
     point = diff(np.ones((1, n)), resampled=False)
-    chunks = [diff(w) for w in clinical._weights(groups, n, n_boot, seed)]
-    out = {}
-    for k in metric_names:
-        r = clinical._interval(point[k][0], np.concatenate([c[k] for c in chunks]), level)
-        r["verdict"] = YES if r["low"] > 0 or r["high"] < 0 else NO
-        out[k] = r
+    samples = bootstrap.bootstrap_samples(diff, n, groups, n_boot, seed)
+    out = {k: bootstrap.paired_interval(point[k][0], samples[k], level) for k in metric_names}
     return {**meta, "seeds_a": counts[0], "seeds_b": counts[1], "resample_seeds": resample_seeds, "metrics": out}
 
 
@@ -244,7 +237,7 @@ def pooled_predictions(recipe: Recipe) -> dict[str, Any]:
         if run.metrics is None or not path.is_file():
             raise RetinoError(f"`{run.name}` has no predictions.csv (not evaluated)")
         frame = read_csv(path, {IMAGE: str})
-        frame = frame[clinical._ok_mask(frame)].sort_values(IMAGE, kind="stable")
+        frame = frame[clinical.ok_mask(frame)].sort_values(IMAGE, kind="stable")
         layers.append((frame[IMAGE].to_numpy(), clinical.prediction_arrays(frame, by_patient=True)))
     images, first = layers[0]
     if len(set(images)) != len(images):
