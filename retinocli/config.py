@@ -335,3 +335,21 @@ class PrepareConfig:
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
             raise RetinoError(f"--workers must be 0 or more, got {w!r}")
+
+
+@dataclass
+class PredictConfig:
+    """``retino predict``'s settings (all but the folder and the model); checked when made."""
+
+    out: Any  # the CSV (or JSON lines) file to write, or an open text stream (stdout)
+    batch_size: int = 32  # images per inference call
+    threads: int | None = None  # decode threads; default one per core, at most 8
+    resume: bool = False  # keep the graded rows of ``out``; read the images it lacks or could not read
+    force: bool = False  # overwrite an existing ``out``
+    json_lines: bool = False  # one JSON object per line (the same keys) instead of CSV
+    patients: str | Path | None = None  # per-patient file (default: patients.csv beside a file ``out``)
+    fuse_eyes: bool = False  # fuse each eye with its fellow in the per-patient file
+
+    def __post_init__(self) -> None:
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("threads", self.threads, 1)

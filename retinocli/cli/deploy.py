@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from retinocli.errors import RetinoError
 
 from retinocli.cli import common
 from retinocli.cli.common import ProviderOpt, app, user_errors
@@ -47,6 +46,7 @@ def export(
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="Folder of fundus photographs (searched recursively) "
                                                 "or one image.")],
     model: Annotated[Optional[Path], typer.Option(
@@ -69,6 +69,7 @@ def predict(
 ) -> None:
     """Grade every image in a folder with an exported ONNX model (onnxruntime; no torch needed)."""
     from retinocli.reporting import render as display
+    from retinocli.config import PredictConfig, from_options
     from retinocli.deploy.predict import check_output, predict_folder
     from retinocli.rundir import newest_model
     from retinocli.deploy.onnx_model import OnnxGrader
@@ -77,8 +78,7 @@ def predict(
     shown = common.err_console if to_stdout else common.console  # stdout carries the rows
     target = sys.stdout if to_stdout else (out if out is not None else Path("predictions.csv"))
     with user_errors():
-        if batch_size < 1:
-            raise RetinoError(f"--batch-size must be >= 1, got {batch_size}")
+        cfg = from_options(PredictConfig, ctx.params, out=target, json_lines=json_out)
         check_output(target, resume=resume, force=force)  # before the model takes its time to load
         if model is None:
             model = newest_model()
@@ -90,9 +90,7 @@ def predict(
         for note in grader.notes:
             shown.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         with display.event_bars(shown, "img") as events:
-            summary = predict_folder(folder, grader, out=target, batch_size=batch_size, threads=threads,
-                                     resume=resume, force=force, json_lines=json_out, events=events,
-                                     patients=patients, fuse_eyes=fuse_eyes)
+            summary = predict_folder(folder, grader, cfg, events=events)
     display.render_predict_summary(summary, list(grader.info.grade_names), shown)
     if strict and summary.errors:
         raise typer.Exit(1)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from retinocli.config import PredictConfig, config_of
 from retinocli.deploy import schema
 from retinocli.deploy.patients import patients_target, read_output, write_patients
 from retinocli.deploy.resume import Earlier, read_earlier
@@ -362,11 +363,9 @@ def _image_name(path: Path, root: Path) -> str:
         return path.name
 
 
-def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | TextIO, batch_size: int = 32,
-                   threads: int | None = None, resume: bool = False, force: bool = False,
-                   json_lines: bool = False, events: EventsLike = None,
-                   patients: str | Path | None = None, fuse_eyes: bool = False) -> PredictSummary:
-    """Grade every image under ``folder`` and write one row per image to ``out``.
+def predict_folder(folder: str | Path, model: OnnxGrader, config: PredictConfig | None = None, *,
+                   events: EventsLike = None, **options) -> PredictSummary:
+    """Grade every image under ``folder`` and write one row per image to ``config.out``.
 
     Rows (:func:`retinocli.deploy.schema.columns`, unlabelled) are written in image order and
     flushed after each batch; the path column is the path as found under ``folder`` as
@@ -375,27 +374,24 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     Args:
         folder: a folder of images (searched recursively) or one image file.
         model: the loaded model.
-        out: the CSV (or JSON lines) file to write, or an open text stream (stdout).
-        batch_size: images per inference call.
-        threads: decode threads; default one per core, at most 8.
-        resume: keep the graded rows already in ``out``, read the images it lacks and
-            those it says were unreadable (they may have been fixed since).
-        force: overwrite an existing ``out``.
-        json_lines: write one JSON object per line (the same keys) instead of CSV.
+        config: a :class:`retinocli.config.PredictConfig`, or ``options``, its fields as keywords:
+            ``out`` (a file or an open text stream), batch size, decode threads, ``resume`` (keep
+            the graded rows already in ``out``, read the images it lacks and those it says were
+            unreadable: they may have been fixed since), ``force``, ``json_lines``, ``patients``
+            (the per-patient file; default: patients.csv beside a file ``out`` when the names give
+            patients and eyes, :mod:`retinocli.deploy.patients`) and ``fuse_eyes`` (each eye fused
+            with its fellow in that file).
         events: a listener for progress (task "predict", advanced per batch with the unreadable
             count in ``postfix``; see :mod:`retinocli.events`).
-        patients: the per-patient file (default: patients.csv beside a file ``out`` when
-            the names give patients and eyes; :mod:`retinocli.deploy.patients`).
-        fuse_eyes: fuse each eye with its fellow in the per-patient file.
 
     Raises:
         RetinoError: no images, ``out`` exists without resume or force, or it cannot be
             resumed (another format, model or command wrote it).
     """
+    cfg = config_of(PredictConfig, config, options)
+    out, resume, force, json_lines, fuse_eyes = cfg.out, cfg.resume, cfg.force, cfg.json_lines, cfg.fuse_eyes
     stream = out if hasattr(out, "write") else None
     out_name = "-" if stream is not None else str(out)
-    if batch_size < 1:
-        raise RetinoError(f"batch size must be >= 1, got {batch_size}")
     check_output(out, resume=resume, force=force)
     path = Path(out) if stream is None else None
     root = Path(folder)
@@ -407,7 +403,7 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     fieldnames = schema.columns(k, labelled=False)
     notes: list[str] = []  # the model's own notes (provider fallback) stay in model.notes
     grading = model.info.grading
-    patients_path, note = patients_target(out, patients, [_image_name(p, root) for p in images], grading,
+    patients_path, note = patients_target(out, cfg.patients, [_image_name(p, root) for p in images], grading,
                                           force=force, resume=resume, fuse_eyes=fuse_eyes)
     notes += [note] if note else []
 
@@ -421,7 +417,7 @@ def predict_folder(folder: str | Path, model: OnnxGrader, *, out: str | Path | T
     start = time.perf_counter()
     results, streamed, bad_now = _grade_into(
         target, todo, model, root, fieldnames=fieldnames, header=not append, json_lines=json_lines,
-        batch_size=batch_size, threads=threads, keep_rows=stream is not None and patients_path is not None, say=say)
+        batch_size=cfg.batch_size, threads=cfg.threads, keep_rows=stream is not None and patients_path is not None, say=say)
     seconds = time.perf_counter() - start
     say.finished(TASK)
     counts, errors, examples, referred = _tally(keys, results, earlier, k)
