@@ -304,8 +304,8 @@ class ReportConfig:
     device: str = "auto"  # where the galleries' heatmaps are computed
 
     def __post_init__(self) -> None:
-        if self.gallery:
-            _at_least("gallery_size", self.gallery_size, 1)
+        if self.gallery and self.gallery_size < 1:
+            raise RetinoError(f"--gallery-size must be at least 1, got {self.gallery_size}")
 
 
 #: the image formats a ``retino prepare`` cache can hold, and their file extensions

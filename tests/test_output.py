@@ -35,9 +35,9 @@ EPOCH_LINE = re.compile(r"^epoch (\d)/(\d): ([\d,]+)/([\d,]+) img in [\d.]+ s, [
 
 
 @pytest.mark.parametrize("columns", [None, "60"])
-def test_train_in_a_pipe_prints_one_complete_line_per_epoch(synth_data, tmp_path, columns):
+def test_train_in_a_pipe_prints_one_complete_line_per_epoch(tiny_data, tmp_path, columns):
     env = {"COLUMNS": columns} if columns else {"COLUMNS": ""}
-    done = retino("train", "--data", synth_data, *TRAIN, "--epochs", "2", "--project", tmp_path / "runs", env=env)
+    done = retino("train", "--data", tiny_data, *TRAIN, "--epochs", "2", "--project", tmp_path / "runs", env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     # a slow epoch (a loaded machine) also prints a complete progress line every 30 s: not counted
@@ -60,8 +60,8 @@ def test_train_in_a_pipe_prints_one_complete_line_per_epoch(synth_data, tmp_path
     assert [float(r) for r in rates] == [float(h["images_per_second"]) for h in history]
 
 
-def test_train_summary_keeps_every_column_in_a_pipe(synth_data, tmp_path):
-    done = retino("train", "--data", synth_data, *TRAIN, "--epochs", "1", "--project", tmp_path / "runs",
+def test_train_summary_keeps_every_column_in_a_pipe(tiny_data, tmp_path):
+    done = retino("train", "--data", tiny_data, *TRAIN, "--epochs", "1", "--project", tmp_path / "runs",
                   env={"COLUMNS": ""})
     assert done.returncode == 0, done.stderr
     header = next(ln for ln in done.stdout.splitlines() if ln.startswith("┃") and "epoch" in ln)
@@ -69,12 +69,12 @@ def test_train_summary_keeps_every_column_in_a_pipe(synth_data, tmp_path):
         assert column in header, header
 
 
-def test_next_hint_names_the_split_that_exists(synth_data, tmp_path):
+def test_next_hint_names_the_split_that_exists(tiny_data, tmp_path):
     """synth data has a test split; a dataset with only train gets `--split val`."""
     import shutil
 
     only_train = tmp_path / "data"
-    shutil.copytree(synth_data, only_train)
+    shutil.copytree(tiny_data, only_train)
     shutil.rmtree(only_train / "test", ignore_errors=True)
     (only_train / "testLabels.csv").unlink(missing_ok=True)
     done = retino("train", "--data", only_train, *TRAIN, "--epochs", "1", "--project", tmp_path / "runs")
@@ -83,7 +83,7 @@ def test_next_hint_names_the_split_that_exists(synth_data, tmp_path):
     assert f"Next: retino evaluate {run} --split val" in done.stdout
     assert retino("evaluate", run, "--split", "val", "--json").returncode == 0
 
-    done = retino("train", "--data", synth_data, *TRAIN, "--epochs", "1", "--project", tmp_path / "runs2")
+    done = retino("train", "--data", tiny_data, *TRAIN, "--epochs", "1", "--project", tmp_path / "runs2")
     assert f"Next: retino evaluate {tmp_path / 'runs2' / 'train'}\n" in done.stdout
 
 
@@ -99,9 +99,9 @@ def test_no_validation_images_is_refused_with_the_counts(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_a_model_no_better_than_the_majority_bar_is_called_out(synth_data, tmp_path):
+def test_a_model_no_better_than_the_majority_bar_is_called_out(tiny_data, tmp_path):
     """One epoch at a learning rate too small to move: it answers one grade, and train says so."""
-    done = retino("train", "--data", synth_data, *TRAIN, "--epochs", "1", "--lr", "1e-9", "--project",
+    done = retino("train", "--data", tiny_data, *TRAIN, "--epochs", "1", "--lr", "1e-9", "--project",
                   tmp_path / "runs", "--json")
     assert done.returncode == 0, done.stderr
     import json
@@ -168,8 +168,8 @@ def test_usage_errors_are_one_line_and_a_hint(args, message, usage):
     assert "╭" not in done.stderr and "Traceback" not in done.stderr
 
 
-def test_offline_weights_error_has_no_stray_download_line(synth_data, tmp_path):
-    done = retino("train", "--data", synth_data, *TRAIN, "--pretrained", "--project", tmp_path / "runs",
+def test_offline_weights_error_has_no_stray_download_line(tiny_data, tmp_path):
+    done = retino("train", "--data", tiny_data, *TRAIN, "--pretrained", "--project", tmp_path / "runs",
                   env={"TORCH_HOME": str(tmp_path / "empty-torch-home")})
     assert done.returncode == 2
     assert "Downloading" not in done.stderr + done.stdout
