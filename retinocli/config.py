@@ -353,3 +353,23 @@ class PredictConfig:
     def __post_init__(self) -> None:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("threads", self.threads, 1)
+
+
+@dataclass
+class StatsConfig:
+    """``retino stats``'s settings (all but the dataset folder); checked when made."""
+
+    layout: str | None = None
+    images: str | Path | None = None
+    csv: str | Path | None = None  # a CSV of image names and grades (layout csv)
+    image_col: str | None = None
+    label_col: str | None = None
+    sample: int = 200  # images opened and checked (a seeded sample)
+    full: bool = False  # open and check every image
+    seed: int = 0  # of the sample
+    plot: str | Path | None = None  # a class-balance chart per split, as this PNG
+    force: bool = False  # replace an existing ``plot``
+
+    def __post_init__(self) -> None:
+        if self.sample < 0:
+            raise RetinoError(f"--sample must be 0 or more, got {self.sample}")

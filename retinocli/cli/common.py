@@ -111,12 +111,6 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
-def check_output_file(path: Path | None, force: bool) -> None:
-    """Refuse to replace a file the user already has unless --force was given."""
-    if path is not None and path.exists() and not force:
-        raise RetinoError(f"{path} already exists; pass --force to overwrite it")
-
-
 def print_differences(differences: dict[str, dict]) -> None:
     """A line per run naming the settings it does not share with the others."""
     from retinocli.reporting.runs import describe_settings

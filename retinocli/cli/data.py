@@ -12,11 +12,12 @@ import typer
 from retinocli.errors import RetinoError
 
 from retinocli.cli import common
-from retinocli.cli.common import CsvOpt, ImageColOpt, ImagesOpt, LabelColOpt, LayoutOpt, app, check_output_file, user_errors
+from retinocli.cli.common import CsvOpt, ImageColOpt, ImagesOpt, LabelColOpt, LayoutOpt, app, user_errors
 
 
 @app.command()
 def stats(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Dataset folder.")] = Path("data"),
     layout: LayoutOpt = None,
     images: ImagesOpt = None,
@@ -33,29 +34,20 @@ def stats(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")] = False,
 ) -> None:
     """Class balance, majority-grade bar, patients, leakage and broken files of a dataset."""
+    from retinocli.config import StatsConfig, from_options
+    from retinocli.data.stats import run_stats
     from retinocli.reporting import render as display
-    from retinocli.data import stats as stats_mod
-    from retinocli.data.layouts import load_dataset
 
     with user_errors():
-        if sample < 0:
-            raise RetinoError(f"--sample must be 0 or more, got {sample}")
-        check_output_file(plot, force)
-        ds = load_dataset(data, layout=layout, images=images, csv=csv,
-                          image_col=image_col, label_col=label_col)
-        out = common.console if not json_out else common.err_console
-        with display.event_bars(out, transient=True) as events:
-            result = stats_mod.dataset_stats(ds, sample=None if full else sample, seed=seed, events=events)
-        found = stats_mod.warnings(result)
-        result["warnings"] = found
-        if plot is not None:
-            result["plot"] = str(stats_mod.plot_balance(result, plot))
-        if json_out:
-            sys.stdout.write(json.dumps(result, indent=2) + "\n")
-            return
-        display.render_stats(result, found, common.console)
-        if plot is not None:
-            common.console.print(f"Class balance chart: {plot}")
+        cfg = from_options(StatsConfig, ctx.params)
+        with display.event_bars(common.err_console if json_out else common.console, transient=True) as events:
+            result = run_stats(data, cfg, events=events)
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    display.render_stats(result, result["warnings"], common.console)
+    if plot is not None:
+        common.console.print(f"Class balance chart: {plot}")
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retinocli import GRADE_NAMES, NUM_GRADES
+from retinocli.config import StatsConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
 from retinocli.machine import decode_threads
@@ -233,3 +234,26 @@ def plot_balance(stats: dict, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     balance_chart(stats).savefig(out, dpi=DPI)
     return out
+
+
+def run_stats(data: str | Path, config: StatsConfig | None = None, *, events: EventsLike = None,
+              **options) -> dict:
+    """``retino stats``: the dataset read, :func:`dataset_stats` with its :func:`warnings` under
+    ``"warnings"``, and the balance chart written where ``config.plot`` says (its path under
+    ``"plot"``). ``options`` make a :class:`retinocli.config.StatsConfig` when ``config`` is None.
+
+    Raises:
+        RetinoError: an unreadable dataset, or ``plot`` exists without ``force``.
+    """
+    from retinocli.data.layouts import load_dataset
+
+    cfg = config_of(StatsConfig, config, options)
+    if cfg.plot is not None and Path(cfg.plot).exists() and not cfg.force:
+        raise RetinoError(f"{cfg.plot} already exists; pass --force to overwrite it")
+    ds = load_dataset(data, layout=cfg.layout, images=cfg.images, csv=cfg.csv, image_col=cfg.image_col,
+                      label_col=cfg.label_col)
+    result = dataset_stats(ds, sample=None if cfg.full else cfg.sample, seed=cfg.seed, events=events)
+    result["warnings"] = warnings(result)
+    if cfg.plot is not None:
+        result["plot"] = str(plot_balance(result, cfg.plot))
+    return result
