@@ -373,3 +373,35 @@ class StatsConfig:
     def __post_init__(self) -> None:
         if self.sample < 0:
             raise RetinoError(f"--sample must be 0 or more, got {self.sample}")
+
+
+@dataclass
+class SynthConfig:
+    """``retino synth``'s settings (all but the folder); checked when made."""
+
+    n: int = 400  # images; even and at least 10, since every patient has two eyes
+    size: int = 128  # side of the square images in pixels
+    seed: int = 0  # the same seed writes the same bytes
+    test_fraction: float = 0.2  # share of patients (not images) in the test split
+    force: bool = False  # replace an earlier data set (only the files synth owns)
+    masks: bool = False  # also write masks/<image>.png: the pixels a lesion covers
+
+    MIN_SIZE, MAX_SIZE, MAX_TEST_FRACTION = 16, 2048, 0.9
+
+    def __post_init__(self) -> None:
+        n, size, fraction = self.n, self.size, self.test_fraction
+        if isinstance(n, bool) or not isinstance(n, int) or n < 10 or n % 2:
+            raise RetinoError(f"--n must be an even number >= 10 (two eyes per patient), got {n!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not self.MIN_SIZE <= size <= self.MAX_SIZE:
+            raise RetinoError(f"--size must be whole pixels from {self.MIN_SIZE} to {self.MAX_SIZE}, got {size!r}")
+        if not 0.0 <= fraction <= self.MAX_TEST_FRACTION:
+            raise RetinoError(f"--test-fraction must be from 0 to {self.MAX_TEST_FRACTION}, got {fraction!r}")
+
+
+@dataclass
+class ResultsConfig:
+    """``retino results``'s settings (all but the runs)."""
+
+    out: str | Path = "RESULTS.md"  # the Markdown file to write
+    title: str = "Results"  # its heading
+    force: bool = False  # replace the file if it exists

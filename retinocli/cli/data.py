@@ -52,6 +52,7 @@ def stats(
 
 @app.command()
 def synth(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (Kaggle layout).")] = Path("data"),
     n: Annotated[int, typer.Option("--n", help="Number of images (two eyes per patient).")] = 400,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
@@ -63,13 +64,13 @@ def synth(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate the built-in demo data: procedural fundus photographs whose grade is learnable."""
+    from retinocli.config import SynthConfig, from_options
     from retinocli.data import synth as synth_mod
     from retinocli.reporting import render as display
 
     with user_errors():
         with display.event_bars(common.err_console if json_out else common.console, transient=True) as events:
-            summary = synth_mod.generate(out, n=n, size=size, seed=seed, test_fraction=test_fraction,
-                                         force=force, masks=masks, events=events)
+            summary = synth_mod.generate(out, from_options(SynthConfig, ctx.params), events=events)
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return

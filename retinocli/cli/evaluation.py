@@ -114,6 +114,7 @@ def report(
 
 @app.command()
 def results(
+    ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(help="Run folders, each evaluated with --split val.")],
     out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("RESULTS.md"),
     title: Annotated[str, typer.Option(help="Its heading.")] = "Results",
@@ -121,10 +122,11 @@ def results(
 ) -> None:
     """RESULTS.md from runs: per-seed and mean ± sd validation numbers per recipe and head, with each
     group's command, training time and machine."""
+    from retinocli.config import ResultsConfig, from_options
     from retinocli.reporting.results import write_results
 
     with user_errors():
-        path, rows = write_results(runs, out, force=force, title=title)
+        path, rows = write_results(runs, from_options(ResultsConfig, ctx.params))
     common.console.print(f"Wrote {path}: {len(rows)} run(s)", soft_wrap=True, markup=False, highlight=False)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from retinocli import NUM_GRADES
+from retinocli.config import SynthConfig, config_of
 from retinocli.data.fundus import Frame, Tee, background, draw_lesions, draw_vessels, illumination
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
@@ -31,9 +32,6 @@ GRADE_PRIOR = (0.73, 0.07, 0.14, 0.03, 0.03)
 FELLOW_EYE_SHIFT = {0: 0.75, 1: 0.23, 2: 0.02}
 DRAWING = "drawing fundus images"  # the progress task of generate
 JPEG_QUALITY = 92
-MIN_SIZE = 16
-MAX_SIZE = 2048
-MAX_TEST_FRACTION = 0.9
 EYES = ("left", "right")
 MASKS = "masks"  # masks/<image>.png: where the lesions are, for tests of heatmaps (`--masks`)
 # Everything generate() writes; --force deletes these and nothing else.
@@ -54,31 +52,19 @@ class _Eye:
         return f"{self.patient}_{self.eye}"
 
 
-def generate(
-    out: Path,
-    *,
-    n: int = 400,
-    size: int = 128,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    force: bool = False,
-    masks: bool = False,
-    events: EventsLike = None,
-) -> dict:
+def generate(out: Path, config: SynthConfig | None = None, *, events: EventsLike = None, **options) -> dict:
     """Write a synthetic data set in the Kaggle 2015 EyePACS layout.
 
     Args:
         out: Folder to write `trainLabels.csv`, `testLabels.csv`, `train/` and `test/` into.
-        n: Number of images; even and at least 10, since every patient has two eyes.
-        size: Side of the square images in pixels, at least 16.
-        seed: The same seed writes the same bytes.
-        test_fraction: Share of patients (not images) in the test split, 0 to 0.9.
-        force: Replace an earlier data set in `out`; only the files listed in `OWNED` are
-            removed, anything else in the folder is kept.
-        masks: Also write `masks/<image>.png` (image names are unique across splits), a
+        config: A :class:`retinocli.config.SynthConfig`, or `options`, its fields as keywords:
+            n (even, at least 10: every patient has two eyes), size (16 to 2048 px), seed (the
+            same seed writes the same bytes), test_fraction (of patients, 0 to 0.9), force
+            (replace an earlier data set in `out`; only the files listed in `OWNED` are removed,
+            anything else in the folder is kept) and masks (also write `masks/<image>.png` (image names are unique across splits), a
             binary mask (0 or 255) of the pixels a lesion covers, at the image's size; it
-            is empty exactly when the image has no lesions (grade 0). The images' bytes
-            do not change.
+            is empty exactly when the image has no lesions (grade 0); the images' bytes
+            do not change).
         events: A listener for progress (task "drawing fundus images"), see :mod:`retinocli.events`.
 
     Returns:
@@ -88,9 +74,10 @@ def generate(
     Raises:
         RetinoError: For bad arguments, or a non-empty `out` without `force`.
     """
-    _validate(n, size, test_fraction)
+    cfg = config_of(SynthConfig, config, options)
+    n, size, seed, test_fraction, masks = cfg.n, cfg.size, cfg.seed, cfg.test_fraction, cfg.masks
     out = Path(out)
-    _prepare_out(out, force)
+    _prepare_out(out, cfg.force)
 
     eyes = _plan(np.random.default_rng(seed), n // 2, test_fraction)
     for split in ("train", "test") + ((MASKS,) if masks else ()):
@@ -124,19 +111,6 @@ def generate(
         "splits": splits,
         "masks": str(out / MASKS) if masks else None,
     }
-
-
-def _validate(n: int, size: int, test_fraction: float) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 10 or n % 2:
-        raise RetinoError(f"--n must be an even number >= 10 (two eyes per patient), got {n!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise RetinoError(
-            f"--size must be whole pixels from {MIN_SIZE} to {MAX_SIZE}, got {size!r}"
-        )
-    if not 0.0 <= test_fraction <= MAX_TEST_FRACTION:
-        raise RetinoError(
-            f"--test-fraction must be from 0 to {MAX_TEST_FRACTION}, got {test_fraction!r}"
-        )
 
 
 def _prepare_out(out: Path, force: bool) -> None:

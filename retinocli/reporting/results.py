@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retinocli.config import recipe_key
+from retinocli.config import ResultsConfig, config_of, recipe_key
 from retinocli.errors import RetinoError, atomic_write
 from retinocli.reporting.numbers import MISSING, markdown_table, num
 
@@ -181,18 +181,20 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_results(runs: Sequence[str | Path], out: str | Path, *, force: bool = False,
-                  title: str = "Results") -> tuple[Path, list[RunResult]]:
-    """Write RESULTS.md for ``runs``; returns its path and the rows.
+def write_results(runs: Sequence[str | Path], config: ResultsConfig | None = None,
+                  **options) -> tuple[Path, list[RunResult]]:
+    """Write RESULTS.md for ``runs`` (``config``: a :class:`retinocli.config.ResultsConfig`, or
+    ``options``, its fields as keywords); returns its path and the rows.
 
     Raises:
         RetinoError: no runs, a run without validation metrics, or ``out`` exists without ``force``.
     """
+    cfg = config_of(ResultsConfig, config, options)
     if not runs:
         raise RetinoError("give at least one run folder")
-    out = Path(out)
-    if out.exists() and not force:
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
         raise RetinoError(f"{out} already exists; pass --force to replace it")
     results = [results_row(r) for r in runs]
-    atomic_write(out, render_results(results, title=title))
+    atomic_write(out, render_results(results, title=cfg.title))
     return out, results
