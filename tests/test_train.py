@@ -77,9 +77,9 @@ def test_resuming_from_best_pt_is_refused(trained_run):
     assert text.endswith(f"resume from {trained_run / 'last.pt'}")
 
 
-def test_resume_gives_the_same_weights(synth_data, tmp_path):
+def test_resume_gives_the_same_weights(tiny_data, tmp_path):
     settings = dict(deterministic=True, augment="light", epochs=3, seed=7)
-    full = train(cfg(synth_data, tmp_path, name="full", **settings))
+    full = train(cfg(tiny_data, tmp_path, name="full", **settings))
     # the default --augment-on auto is resolved when training starts: the per-image way on a CPU
     assert json.loads((full.run_dir / "config.json").read_text())["augment_on"] == \
         ("device" if torch.cuda.is_available() else "workers")
@@ -88,7 +88,7 @@ def test_resume_gives_the_same_weights(synth_data, tmp_path):
         if epoch == 1:
             raise KeyboardInterrupt
 
-    cut = train(cfg(synth_data, tmp_path, name="cut", **settings), on_epoch_end=interrupt)
+    cut = train(cfg(tiny_data, tmp_path, name="cut", **settings), on_epoch_end=interrupt)
     assert cut.stop == "interrupted" and cut.stopped.startswith("interrupted") and cut.epochs_done == 1
     assert load_checkpoint(cut.run_dir / "last.pt")["epoch"] == 1
     resumed = train(resume=cut.run_dir)
@@ -101,15 +101,15 @@ def test_resume_gives_the_same_weights(synth_data, tmp_path):
         train(resume=cut.run_dir)
 
 
-def test_device_augmentation_does_not_depend_on_the_number_of_workers(synth_data, tmp_path):
+def test_device_augmentation_does_not_depend_on_the_number_of_workers(tiny_data, tmp_path):
     settings = dict(deterministic=True, augment="strong", epochs=1, seed=3)
-    runs = [train(cfg(synth_data, tmp_path, name=f"w{w}", workers=w, augment_on="device", **settings))
+    runs = [train(cfg(tiny_data, tmp_path, name=f"w{w}", workers=w, augment_on="device", **settings))
             for w in (0, 2)]
     a, b = (load_checkpoint(r.run_dir / "last.pt")["model"] for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((runs[0].run_dir / "config.json").read_text())["augment_on"] == "device"
     # the old per-image way still trains, and what it sees differs from the batched way
-    old = train(cfg(synth_data, tmp_path, name="old", augment_on="workers", **settings))
+    old = train(cfg(tiny_data, tmp_path, name="old", augment_on="workers", **settings))
     c = load_checkpoint(old.run_dir / "last.pt")["model"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -121,12 +121,12 @@ def test_a_config_from_before_batched_augmentation_keeps_the_per_image_way():
     assert TrainConfig().augment_on == "auto"  # device on CUDA, workers elsewhere: resolved by train
 
 
-def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home):
+def test_linear_mode_leaves_the_backbone_alone(tiny_data, tmp_path, torch_home):
     put_imagenet_weights("resnet18", "IMAGENET1K_V1", seed=11)
     from retinocli.models.registry import create_model
 
     start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
-    result = train(cfg(synth_data, tmp_path, pretrained=True, mode="linear", img_size=40, augment="light"))
+    result = train(cfg(tiny_data, tmp_path, pretrained=True, mode="linear", img_size=40, augment="light"))
     end = load_checkpoint(result.run_dir / "last.pt")["model"]
     backbone = [k for k in start if not k.startswith("fc.")]
     assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)  # weights and BN statistics
@@ -135,18 +135,18 @@ def test_linear_mode_leaves_the_backbone_alone(synth_data, tmp_path, torch_home)
     assert config["weights"] == "DEFAULT" and config["small_stem"] is False
 
 
-def test_two_stage_thaws_the_backbone(synth_data, tmp_path, torch_home):
+def test_two_stage_thaws_the_backbone(tiny_data, tmp_path, torch_home):
     put_imagenet_weights("resnet18", "IMAGENET1K_V1")
     from retinocli.models.registry import create_model
 
     start = create_model("resnet18", weights="IMAGENET1K_V1").state_dict()
-    result = train(cfg(synth_data, tmp_path, weights="IMAGENET1K_V1", mode="two-stage", head_epochs=1, epochs=2))
+    result = train(cfg(tiny_data, tmp_path, weights="IMAGENET1K_V1", mode="two-stage", head_epochs=1, epochs=2))
     end = load_checkpoint(result.run_dir / "last.pt")["model"]
     assert not torch.equal(start["layer1.0.conv1.weight"], end["layer1.0.conv1.weight"])
 
 
-def test_nan_loss_stops_cleanly(synth_data, tmp_path):
-    result = train(cfg(synth_data, tmp_path, lr=1e30, epochs=2))
+def test_nan_loss_stops_cleanly(tiny_data, tmp_path):
+    result = train(cfg(tiny_data, tmp_path, lr=1e30, epochs=2))
     assert result.stop == "diverged" and "loss became nan" in result.stopped
     assert not (result.run_dir / "last.pt").exists() or load_checkpoint(result.run_dir / "last.pt")
 
@@ -199,10 +199,10 @@ def test_list_archs():
     assert rows[0]["parameters"] == 11_179_077
 
 
-def test_torchrun_two_processes_on_cpu(synth_data, tmp_path):
+def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "retinocli", "train", "--data", str(synth_data), "--img-size", "32", "--epochs", "1",
+           "-m", "retinocli", "train", "--data", str(tiny_data), "--img-size", "32", "--epochs", "1",
            "--batch-size", "16", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -226,11 +226,11 @@ def test_a_broken_image_does_not_stop_training(synth_data, tmp_path):
     assert result.notes and result.notes[0].startswith("2 image(s) per epoch could not be read")
 
 
-def test_torchrun_one_process_still_runs_distributed(synth_data, tmp_path):
+def test_torchrun_one_process_still_runs_distributed(tiny_data, tmp_path):
     """One GPU can try the DDP path: torchrun with one process wraps the model all the same."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "retinocli", "train", "--data", str(synth_data), "--img-size", "32", "--epochs", "1",
+           "-m", "retinocli", "train", "--data", str(tiny_data), "--img-size", "32", "--epochs", "1",
            "--batch-size", "16", "--workers", "0", "--device", "cpu", "--project", str(tmp_path / "runs")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
