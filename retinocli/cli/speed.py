@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,12 +58,8 @@ def bench(
                     infer_size=size, train_batch=batch_size, compile=compile, device=device,
                     min_seconds=min_seconds, sections=sections, cache=data, workers=workers,
                     full_size_photos=photos or (default_photos if default_photos.is_dir() else None))
-        shown = common.err_console if json_out else common.console
-        # a spinner on a terminal; a log gets one line per stage as it starts
-        with shown.status("benchmarking") if shown.is_terminal else nullcontext() as status:
-            say = ((lambda msg: status.update(f"benchmarking: {msg}")) if status is not None else
-                   (lambda msg: shown.print(f"benchmarking: {msg}", markup=False, highlight=False, soft_wrap=True)))
-            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]), events=lambda event: say(event.text))
+        with display.event_stages(common.err_console if json_out else common.console, "benchmarking") as events:
+            result = run_bench(plan, command="retino " + " ".join(sys.argv[1:]), events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -128,7 +128,14 @@ def _inputs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _refuse_early(model: str | Path | None, method: str, out: Path, force: bool) -> None:
+    """The user errors found before torch loads: an ONNX file, an unknown method, an output in the way."""
+    from retinocli.reporting.evaluate import is_onnx
+
+    if model is not None and is_onnx(model):
+        raise RetinoError(ONNX_REFUSAL)
+    if method not in METHODS:
+        raise RetinoError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if out.exists() and not out.is_dir():
         raise RetinoError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -188,14 +195,8 @@ def explain(
         The settings used and an :class:`Explanation` per image in input order; an image that
         cannot be read gets ``status="error"`` and the others go on.
     """
-    from retinocli.reporting.evaluate import is_onnx
-
-    if model is not None and is_onnx(model):
-        raise RetinoError(ONNX_REFUSAL)
-    if method not in METHODS:
-        raise RetinoError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     out = Path(out)
-    _check_out(out, force)
+    _refuse_early(model, method, out, force)
     paths = _inputs([Path(p) for p in inputs])
 
     import torchcam.methods
@@ -234,9 +235,20 @@ def explain(
     seconds = time.perf_counter() - start
     say.finished(TASK)
 
+    sheet, notes = _sheet_and_notes(explanations, names, out, cells=cells, layer=layer, size=pre.size)
+    cfg = state["config"]
+    return ExplainResult(checkpoint=str(ckpt), arch=str(cfg.get("arch")), method=method, layer=layer,
+                         size=pre.size, cells=cells, device=str(dev), out=str(out),
+                         contact_sheet=str(sheet) if sheet else None, explanations=explanations,
+                         seconds=seconds, notes=notes)
+
+
+def _sheet_and_notes(explanations: list[Explanation], names: list[str], out: Path, *, cells: int | None,
+                     layer: str, size: int) -> tuple[Path | None, list[str]]:
+    """The contact sheet of the readable images (None: none was) and what to know about the maps."""
     notes = []
     if cells is not None and cells <= 2:  # one cell per quadrant: no lesion can be pointed at
-        notes.append(f"{layer} is {cells}x{cells} cells at {pre.size} px: too coarse to point at lesions"
+        notes.append(f"{layer} is {cells}x{cells} cells at {size} px: too coarse to point at lesions"
                      + ("; --layer layer3 has about twice the resolution" if layer == "layer4" else ""))
     ok = [e for e in explanations if e.status == "ok"]
     sheet = None
@@ -244,11 +256,7 @@ def explain(
         sheet = contact_sheet(ok, names, out / SHEET)
         if len(ok) > SHEET_MAX:
             notes.append(f"the contact sheet shows the first {SHEET_MAX} of {len(ok)} overlays")
-    cfg = state["config"]
-    return ExplainResult(checkpoint=str(ckpt), arch=str(cfg.get("arch")), method=method, layer=layer,
-                         size=pre.size, cells=cells, device=str(dev), out=str(out),
-                         contact_sheet=str(sheet) if sheet else None, explanations=explanations,
-                         seconds=seconds, notes=notes)
+    return sheet, notes
 
 
 def _explain_one(net, extractor, path: Path, target_file: Path, pre, dev, grade: int | None,

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from retinocli import GRADE_NAMES
+from retinocli.events import Listener
 from retinocli.reporting.numbers import tight_pct
 
 
@@ -227,6 +228,17 @@ def event_bars(console: Console, unit: str = "img", *, transient: bool = False) 
     """A listener for library events, drawn on :func:`progress_bar` for the length of the block."""
     with progress_bar(console, unit, transient=transient) as bar:
         yield EventBars(bar, console)
+
+
+@contextmanager
+def event_stages(console: Console, doing: str) -> Iterator[Listener]:
+    """A listener for a job that only says which stage it is in: a spinner on a terminal, one line
+    per stage as it starts in a log (``doing: stage``)."""
+    if not console.is_terminal:
+        yield lambda event: console.print(f"{doing}: {event.text}", markup=False, highlight=False, soft_wrap=True)
+        return
+    with console.status(doing) as status:
+        yield lambda event: status.update(f"{doing}: {event.text}")
 
 
 def render_training(result, console: Console) -> None:
