@@ -405,3 +405,15 @@ class ResultsConfig:
     out: str | Path = "RESULTS.md"  # the Markdown file to write
     title: str = "Results"  # its heading
     force: bool = False  # replace the file if it exists
+
+
+@dataclass
+class ExplainConfig:
+    """``retino explain``'s settings (all but the model, the images and the folder); the method,
+    layer and grade are checked against the model when it loads."""
+
+    grade: int | None = None  # explain this grade for every image (default: each one's predicted grade)
+    method: str = "gradcam"  # a key of retinocli.reporting.explain.METHODS
+    layer: str = "layer4"  # the ResNet stage whose last block is explained
+    device: str = "auto"
+    force: bool = False  # write into a folder that already has files

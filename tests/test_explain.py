@@ -169,16 +169,18 @@ def test_pointing_game_heatmap_peaks_fall_on_lesions(trained_run: Path, lesion_s
 
     A hit: the heatmap's peak lies on a lesion of the synth mask (resized to the model's 48 px,
     dilated by 2 px). Chance: a uniformly random point hits with the dilated mask's area fraction,
-    averaged over the images. Measured with the session's trained_run (resnet18, 48 px, 5 epochs)
-    on CPU, Grad-CAM on the predicted grade:
+    averaged over the images (0.23). Measured on CPU with two trainings of trained_run's settings
+    (resnet18, 48 px, 5 epochs) that differ only in the optimiser's implementation (per-tensor
+    AdamW, val QWK 0.881; fused AdamW, 0.890), hit rate on the 72 sick images:
 
-        layer4 (2x2 cells at 48 px): hit rate 0.15, chance 0.23 -- no localisation: the map is
-            too coarse, so explain notes it and the test uses layer3;
-        layer3 (3x3 cells):          hit rate 0.39, chance 0.23 (28 of 72; one-sided binomial p 0.0013);
-        layer2 (6x6 cells):          hit rate 0.44, chance 0.23.
+        Grad-CAM,   layer3 (3x3 cells): 0.39 / 0.24 -- a coin toss between two equally good models
+        Grad-CAM,   layer2 (6x6 cells): 0.44 / 0.35
+        LayerCAM,   layer2:             0.43 / 0.42
+        Grad-CAM++, layer2:             0.56 / 0.64 (one-sided binomial p 1e-9 / 7e-14)
+        (layer4 is 2x2 cells at 48 px: too coarse, explain notes it)
 
-    Asserted: layer3's rate beats chance by 0.1 and a one-sided binomial test against chance
-    gives p < 0.01.
+    Asserted with Grad-CAM++ on layer2, the map that localises whichever way training went: the
+    rate beats chance by 0.2 and a one-sided binomial test against chance gives p < 0.001.
     """
     from scipy import ndimage, stats
 
@@ -186,7 +188,7 @@ def test_pointing_game_heatmap_peaks_fall_on_lesions(trained_run: Path, lesion_s
 
     folder, images = lesion_set
     sick = [p for p, g in images if g > 0]
-    result = explain(trained_run, sick, tmp_path / "x", layer="layer3", device="cpu")
+    result = explain(trained_run, sick, tmp_path / "x", method="gradcam++", layer="layer2", device="cpu")
     hits, chance = [], []
     for e in result.explanations:
         with Image.open(folder / "masks" / f"{Path(e.image).stem}.png") as m:
@@ -197,4 +199,4 @@ def test_pointing_game_heatmap_peaks_fall_on_lesions(trained_run: Path, lesion_s
         chance.append(near.mean())
     rate, base = float(np.mean(hits)), float(np.mean(chance))
     p = stats.binomtest(sum(hits), len(hits), base, alternative="greater").pvalue
-    assert rate > base + 0.1 and p < 0.01, f"hit rate {rate:.2f}, chance {base:.2f}, p {p:.2g}"
+    assert rate > base + 0.2 and p < 1e-3, f"hit rate {rate:.2f}, chance {base:.2f}, p {p:.2g}"

@@ -133,6 +133,7 @@ def results(
 # ------------------------------------------------------------------ explain (issue #18)
 @app.command()
 def explain(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="A run folder or its checkpoint (.pt); not an .onnx file.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images and folders of images (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Folder for the overlay PNGs and contact-sheet.png.")],
@@ -149,13 +150,13 @@ def explain(
     """Class-activation heatmaps: where in the fundus the model found its grade, blended over the
     pixels it saw, one PNG per image plus a contact sheet."""
     from retinocli.reporting import render as display
+    from retinocli.config import ExplainConfig, from_options
     from retinocli.reporting.explain import explain as run_explain
 
     shown = common.err_console if json_out else common.console
     with user_errors():
         with display.event_bars(shown, "img", transient=True) as events:
-            result = run_explain(model, inputs, out, grade=grade, method=method, layer=layer, device=device,
-                                 force=force, events=events)
+            result = run_explain(model, inputs, out, from_options(ExplainConfig, ctx.params), events=events)
     if json_out:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retinocli.config import ExplainConfig, config_of
 from retinocli.errors import RetinoError
 from retinocli.models.grading import Grader
 from retinocli.events import EventsLike, emitter
@@ -170,13 +171,10 @@ def explain(
     model: str | Path | None,
     inputs: list[str | Path],
     out: str | Path,
+    config: ExplainConfig | None = None,
     *,
-    grade: int | None = None,
-    method: str = "gradcam",
-    layer: str = "layer4",
-    device: str = "auto",
-    force: bool = False,
     events: EventsLike = None,
+    **options,
 ) -> ExplainResult:
     """Heatmaps of what raised a grade's score, one overlay PNG per image plus a contact sheet.
 
@@ -184,19 +182,21 @@ def explain(
         model: A run folder or checkpoint (None: the newest run). ONNX files are refused.
         inputs: Image files and folders (searched recursively).
         out: Folder for the overlays and ``contact-sheet.png``.
-        grade: Explain this grade for every image (default: each image's predicted grade).
-        method: A key of :data:`METHODS`.
-        layer: The ResNet stage whose last block is explained (``layer4`` by default).
-        device: auto, cpu, cuda, cuda:N, mps.
-        force: Write into a folder that already has files.
+        config: A :class:`retinocli.config.ExplainConfig`, or ``options``, its fields as keywords:
+            grade (explain this grade for every image; default each image's predicted grade),
+            method (a key of :data:`METHODS`), layer (the ResNet stage whose last block is
+            explained, ``layer4`` by default), device (auto, cpu, cuda, cuda:N, mps) and force
+            (write into a folder that already has files).
         events: A listener for progress (task "explain", one step per image), see :mod:`retinocli.events`.
 
     Returns:
         The settings used and an :class:`Explanation` per image in input order; an image that
         cannot be read gets ``status="error"`` and the others go on.
     """
+    cfg = config_of(ExplainConfig, config, options)
+    grade, method, layer = cfg.grade, cfg.method, cfg.layer
     out = Path(out)
-    _refuse_early(model, method, out, force)
+    _refuse_early(model, method, out, cfg.force)
     paths = _inputs([Path(p) for p in inputs])
 
     import torchcam.methods
@@ -214,7 +214,7 @@ def explain(
     pre = Preprocess.from_dict(state["preprocess"])
     # the probabilities evaluate and predict give: the stored grader (head, temperature) on the logits
     grading = Grader.from_dict({"num_grades": len(names), **(state.get("grader") or {})})
-    dev = pick_device(device)
+    dev = pick_device(cfg.device)
     net.to(dev)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -236,8 +236,7 @@ def explain(
     say.finished(TASK)
 
     sheet, notes = _sheet_and_notes(explanations, names, out, cells=cells, layer=layer, size=pre.size)
-    cfg = state["config"]
-    return ExplainResult(checkpoint=str(ckpt), arch=str(cfg.get("arch")), method=method, layer=layer,
+    return ExplainResult(checkpoint=str(ckpt), arch=str(state["config"].get("arch")), method=method, layer=layer,
                          size=pre.size, cells=cells, device=str(dev), out=str(out),
                          contact_sheet=str(sheet) if sheet else None, explanations=explanations,
                          seconds=seconds, notes=notes)
