@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -40,8 +41,6 @@ NOT_RECIPE = ("seed", "name", "project", "workers", "recipe", "command", "versio
 
 def recipe_key(config: dict[str, Any]) -> str:
     """The settings that make a recipe, as one comparable string (config.json minus :data:`NOT_RECIPE`)."""
-    import json
-
     return json.dumps({k: v for k, v in config.items() if k not in NOT_RECIPE}, sort_keys=True, default=str)
 
 

@@ -157,33 +157,30 @@ def _show_run(result, json_out: bool) -> None:
         common.console.print(f"Next: [bold]retino evaluate {escape(str(result.run_dir))}{split}[/]", soft_wrap=True)
 
 
-# train's options that are not settings of the run (TrainConfig holds every other one)
-NOT_TRAIN_SETTINGS = ("seeds", "config", "force", "resume", "list_archs", "json_out")
-
-
-# compare's options that are not settings of its runs' TrainConfig, and the recipe keys the grid sets
-COMPARE_ONLY = ("arch", "pretrained", "seeds", "config", "split", "tta", "force", "json_out")
+#: the recipe keys compare's grid sets itself (--arch, --pretrained), refused in its --config
 GRID_KEYS = ("arch", "pretrained", "weights")
 
 
-def _train_config(ctx: typer.Context, config: Path | None, not_settings: tuple[str, ...] = NOT_TRAIN_SETTINGS):
-    """The run's settings: every option of the command that is one (all of ``retino train``'s but
-    ``not_settings``), and the values of the ``--config`` file where the command line did not name
-    the option. For ``compare`` the recipe's arch and weights are refused (the grid sets them) and
-    its name is not used (``--name`` names the comparison, the grid its runs)."""
+def _train_config(ctx: typer.Context, config: Path | None, *, grid: bool = False):
+    """The run's settings: every option of the command that is a :class:`TrainConfig` field, and
+    the values of the ``--config`` file where the command line did not name the option. For
+    ``compare`` (``grid``) its own ``--arch`` and ``--pretrained`` are the grid's, not settings;
+    the recipe's arch and weights are refused (the grid sets them) and its name is not used
+    (``--name`` names the comparison, the grid its runs)."""
     from retinocli.config import TrainConfig
     from retinocli.models.registry import check_arch
 
-    values = {k: v for k, v in ctx.params.items() if k not in not_settings}
+    fields = TrainConfig.__dataclass_fields__
+    values = {k: v for k, v in ctx.params.items() if k in fields and not (grid and k in GRID_KEYS)}
     for key in ("data", "images"):  # paths as config.json keeps them
         values[key] = str(values[key]) if values[key] is not None else None
     if config is not None:
         values["recipe"] = str(config)
         for key, value in TrainConfig.from_file(config).items():
-            if not_settings is COMPARE_ONLY and key in GRID_KEYS:
+            if grid and key in GRID_KEYS:
                 raise RetinoError(f"--config {config}: {key!r} is set by compare's grid (--arch, --pretrained), "
                                   f"not by the recipe; remove it from the file")
-            if not_settings is COMPARE_ONLY and key == "name":
+            if grid and key == "name":
                 continue
             source = ctx.get_parameter_source(key)  # click's ParameterSource (typer may vendor click)
             if getattr(source, "name", None) != "COMMANDLINE":
@@ -260,7 +257,7 @@ def compare(
             from retinocli.engine.seeds import parse_seeds
 
             _check_seeds(ctx, seeds, None)
-        base = _train_config(ctx, config, not_settings=COMPARE_ONLY)
+        base = _train_config(ctx, config, grid=True)
         with display.event_bars(common.err_console if json_out else common.console, "img") as events:
             result = run_compare(base, arch or ["resnet18", "resnet50"], pretrained=pretrained, split=split,
                                  tta=tta, force=force, events=events,
