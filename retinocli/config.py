@@ -15,7 +15,7 @@ CHOICES = {
     "mode": ("finetune", "linear", "two-stage"),
     "preprocess": ("none", "crop", "graham"),
     "augment": ("none", "light", "strong"),
-    "augment_on": ("auto", "device", "workers"),
+    "augment_on": ("auto", "device", "opencv", "workers"),
     "decode": ("cpu", "gpu"),
     "class_weights": ("none", "balanced", "sqrt"),
     "sampler": ("uniform", "balanced"),

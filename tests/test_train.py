@@ -80,9 +80,9 @@ def test_resuming_from_best_pt_is_refused(trained_run):
 def test_resume_gives_the_same_weights(tiny_data, tmp_path):
     settings = dict(deterministic=True, augment="light", epochs=3, seed=7)
     full = train(cfg(tiny_data, tmp_path, name="full", **settings))
-    # the default --augment-on auto is resolved when training starts: the per-image way on a CPU
+    # the default --augment-on auto is resolved when training starts: per image with OpenCV on a CPU
     assert json.loads((full.run_dir / "config.json").read_text())["augment_on"] == \
-        ("device" if torch.cuda.is_available() else "workers")
+        ("device" if torch.cuda.is_available() else "opencv")
 
     def interrupt(epoch, row):
         if epoch == 1:
@@ -101,7 +101,7 @@ def test_resume_gives_the_same_weights(tiny_data, tmp_path):
         train(resume=cut.run_dir)
 
 
-def test_device_augmentation_does_not_depend_on_the_number_of_workers(tiny_data, tmp_path):
+def test_device_and_opencv_augmentation_do_not_depend_on_the_number_of_workers(tiny_data, tmp_path):
     settings = dict(deterministic=True, augment="strong", epochs=1, seed=3)
     runs = [train(cfg(tiny_data, tmp_path, name=f"w{w}", workers=w, augment_on="device", **settings))
             for w in (0, 2)]
@@ -112,13 +112,18 @@ def test_device_augmentation_does_not_depend_on_the_number_of_workers(tiny_data,
     old = train(cfg(tiny_data, tmp_path, name="old", augment_on="workers", **settings))
     c = load_checkpoint(old.run_dir / "last.pt")["model"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # per image with OpenCV: each sample seeded by the sampler, so workers do not matter either
+    cv = [train(cfg(tiny_data, tmp_path, name=f"cv{w}", workers=w, augment_on="opencv", **settings)) for w in (0, 2)]
+    d, e = (load_checkpoint(r.run_dir / "last.pt")["model"] for r in cv)
+    assert all(torch.equal(d[k], e[k]) for k in d)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
 
 
 def test_a_config_from_before_batched_augmentation_keeps_the_per_image_way():
     old = {k: v for k, v in TrainConfig(augment="strong").to_dict().items() if k != "augment_on"}
     assert TrainConfig.from_dict(old).augment_on == "workers"
     assert TrainConfig.from_dict(TrainConfig(augment_on="device").to_dict()).augment_on == "device"
-    assert TrainConfig().augment_on == "auto"  # device on CUDA, workers elsewhere: resolved by train
+    assert TrainConfig().augment_on == "auto"  # device on CUDA, opencv elsewhere: resolved by train
 
 
 def test_linear_mode_leaves_the_backbone_alone(tiny_data, tmp_path, torch_home):

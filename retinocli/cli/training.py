@@ -56,10 +56,11 @@ def train(
     img_size: ImgSizeOpt = 512,
     preprocess: PreprocessOpt = "none",
     augment: AugmentOpt = "light",
-    augment_on: Annotated[str, typer.Option(help="auto (device on CUDA, else workers), workers (per image "
-                                                 "in the loader processes) or device (batched on the "
-                                                 "training device, the same images: far faster on a "
-                                                 "GPU).")] = "auto",
+    augment_on: Annotated[str, typer.Option(help="auto (device on CUDA, else opencv), opencv (per image in "
+                                                 "the loader processes with OpenCV), workers (the same "
+                                                 "with torchvision, the reference) or device (batched on "
+                                                 "the training device: far faster on a GPU). All give "
+                                                 "the same images.")] = "auto",
     decode: Annotated[str, typer.Option(help="cpu (PIL in the loader processes) or gpu (workers read JPEG "
                                              "bytes, CUDA decodes each batch; needs --augment-on device "
                                              "and --preprocess none).")] = "cpu",

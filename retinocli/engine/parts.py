@@ -141,7 +141,8 @@ def build_data(cfg: TrainConfig, place: Placement) -> Data:
     val_grades = val_rec["grade"].astype(int).tolist()
     val_names = val_rec["image"].astype(str).to_numpy()
     on_device = cfg.augment_on == "device"
-    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment)
+    train_set = FundusDataset(train_rec["path"].tolist(), train_grades, prep, "none" if on_device else cfg.augment,
+                              engine="opencv" if cfg.augment_on == "opencv" else "torchvision")
     batch_augment = BatchAugment(cfg.augment, seed=cfg.seed, rank=place.rank) if on_device else None
     val_set = FundusDataset(val_rec["path"].tolist(), val_grades, prep, "none")
     collate = None
