@@ -32,6 +32,9 @@ def test_bench_quick_has_every_row_and_positive_speeds():
         new = f"retino loader + {augment} augmentation batched on the CPU, transfer included, 512 px JPEG"
         assert ("data", old, 4) in names and ("data", new, 4) in names
         assert next(r for r in rows if r["name"] == new)["baseline"] == old
+        if augment != "no":  # the CPU default, OpenCV per image, against the same baseline
+            cv = f"retino loader + {augment} augmentation per image in the worker (OpenCV), 512 px JPEG"
+            assert next(r for r in rows if r["name"] == cv)["baseline"] == old
     for variant in ("PyTorch, fp32, standard memory layout", "mixed precision, channels-last memory layout"):
         assert ("train", f"resnet18, {variant}", 4) in names
     for augment in ("no augmentation", "light augmentation"):
@@ -42,12 +45,12 @@ def test_bench_quick_has_every_row_and_positive_speeds():
         for precision in ("fp32", "fp16", "int8"):
             assert ("infer", f"resnet18, ONNX Runtime {precision}, CPU", batch) in names
     assert ("infer", "retino predict end to end, JPEG folder (CPU, fp32)", 8) in names
-    assert len(rows) == 6 + 6 + 2 + 2 + 2 * 4 + 1
+    assert len(rows) == 6 + 6 + 2 + 2 + 2 + 2 * 4 + 1
     assert all(r["images_per_second"] > 0 for r in rows), [r for r in rows if r["images_per_second"] <= 0]
     # plain words, and every baseline names a row of the same batch and size, so every ratio is filled
     assert not [r["name"] for r in rows if any(word in r["name"] for word in JARGON)]
     compared = [r for r in rows if r["baseline"]]
-    assert len(compared) == 4 + 3 + 1 + 2 + 2 * 3
+    assert len(compared) == 4 + 3 + 2 + 1 + 2 + 2 * 3
     for r in compared:
         assert any(b["name"] == r["baseline"] and (b["batch"], b["size"]) == (r["batch"], r["size"]) for b in rows)
         assert r["ratio"] and r["ratio"] > 0

@@ -10,9 +10,10 @@ them in that order.
   retino's loader: ``preprocess.load_and_prepare`` (JPEG decoded at reduced size in draft mode,
   uint8 out; normalisation happens later, batched on the device) on the same files. Then the
   whole training input per augmentation preset (none, light, strong), per core, batches of 32:
-  "... per image in the worker (torchvision)" (the old way) against "... batched on the
-  CPU|GPU, transfer included" (workers decode only; ``augment.BatchAugment`` turns the batch
-  on the device); on a GPU also the batched augmentation alone.
+  "... per image in the worker (torchvision)" (the old way) against "... (OpenCV)" (the CPU
+  default) and "... batched on the CPU|GPU, transfer included" (workers decode only;
+  ``augment.BatchAugment`` turns the batch on the device); on a GPU also the batched
+  augmentation alone.
 - train: images/s of a full training step (forward, backward, AdamW) on synthetic batches
   already on the device. Baseline: PyTorch in fp32 with the standard (NCHW) memory layout.
   retino: mixed precision (bf16 autocast, fp16 where a GPU has no bf16) with the channels-last
@@ -44,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,10 @@ def train_name(arch: str, variant: str) -> str:
 
 def augment_old_name(augment: str, label: str) -> str:
     return f"retino loader + {AUGMENT_WORDS[augment]} per image in the worker (torchvision), {label}"
+
+
+def augment_cv_name(augment: str, label: str) -> str:
+    return f"retino loader + {AUGMENT_WORDS[augment]} per image in the worker (OpenCV), {label}"
 
 
 def augment_new_name(augment: str, label: str, device_type: str) -> str:
@@ -260,13 +266,16 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
 
     Both decode ``batch`` images one by one (as a loader worker does), stack them, move the
     batch to ``device`` and normalise it there, as ``retino train`` does. The old way turns
-    each image with the torchvision preset in the worker first; the new one turns the whole
-    batch on the device (:class:`retinocli.engine.augment.BatchAugment`). One CPU thread throughout.
+    each image with the torchvision preset in the worker first; ``--augment-on opencv`` does
+    that with OpenCV (:class:`retinocli.engine.cv_augment.CvAugment`, the CPU default); the
+    batched way turns the whole batch on the device (:class:`retinocli.engine.augment.BatchAugment`).
+    One CPU thread throughout.
     On a GPU a third row times the batched augmentation alone.
     """
     import torch
 
     from retinocli.engine.augment import BatchAugment
+    from retinocli.engine.cv_augment import CvAugment, available as cv_available
     from retinocli.engine.dataset import augmentation
     from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from retinocli.engine.trainer import to_input
@@ -280,10 +289,12 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     files = [paths[i % len(paths)] for i in range(batch)]
 
-    def decode(transform=None) -> torch.Tensor:
+    def decode(transform=None, cv=None) -> torch.Tensor:
         out = []
-        for f in files:
-            image = torch.from_numpy(load_and_prepare(f, prep)).permute(2, 0, 1).contiguous()
+        for i, f in enumerate(files):
+            arr = load_and_prepare(f, prep)
+            arr = cv(arr, i) if cv is not None else arr
+            image = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
             out.append(transform(image) if transform is not None else image)
         return torch.stack(out)
 
@@ -293,8 +304,8 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
         transform = augmentation(augment)
         aug = BatchAugment(augment, seed=0)
 
-        def old(transform=transform) -> int:
-            to_input(decode(transform), device, mean, std, False)
+        def old(transform=transform, cv=None) -> int:
+            to_input(decode(transform, cv), device, mean, std, False)
             return batch
 
         def new(aug=aug) -> int:
@@ -304,6 +315,10 @@ def bench_augment(paths: list[Path], size: int, label: str, device, min_seconds:
 
         base = augment_old_name(augment, label)
         rows.append(Row("data", base, "cpu", 1, batch, size, timed(old, min_seconds=min_seconds, sync=sync)))
+        if augment != "none" and cv_available():
+            rows.append(Row("data", augment_cv_name(augment, label), "cpu", 1, batch, size,
+                            timed(partial(old, None, CvAugment(augment)), min_seconds=min_seconds, sync=sync),
+                            baseline=base))
         rows.append(Row("data", augment_new_name(augment, label, device.type), str(device), 1, batch, size,
                         timed(new, min_seconds=min_seconds, sync=sync), baseline=base))
         if gpu and augment != "none":
