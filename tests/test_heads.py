@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from retinocli.engine.checkpoints import load_checkpoint
 from retinocli.cli import app
 from retinocli.config import TrainConfig
-from retinocli.models.cutpoints import fit_cutpoints, fit_scale, qwk
+from retinocli.models.cutpoints import fit_cutpoints, fit_scale, frequency_cutpoints, qwk
 from retinocli.errors import RetinoError
 from retinocli.models.grading import Grader, cut, default_cutpoints, ordinal_probs, scores
 from retinocli.engine.regularize import BatchMix, make_ema
@@ -110,6 +110,23 @@ def test_cut_points_stay_home_on_tiny_noisy_validation():
     cuts = fit_cutpoints(rng.normal(2, 1, 10), rng.integers(0, 5, 10), 5)
     assert np.abs(cuts - default_cutpoints(5)).max() < 1.0
     assert np.array_equal(fit_cutpoints(np.zeros(3), np.zeros(3, int), 5), default_cutpoints(5))
+
+
+def test_frequency_cut_points_give_each_grade_its_share():
+    """Worked by hand: ten scores 0..9 and grades 4/3/2/1/0 of ten: the thresholds are the
+    0.4, 0.7, 0.9 and 1.0 quantiles, so cutting gives back exactly those counts."""
+    s = np.arange(10.0)
+    y = np.array([0] * 4 + [1] * 3 + [2] * 2 + [3])
+    cuts = frequency_cutpoints(s, y, 5)
+    np.testing.assert_allclose(cuts, np.quantile(s, [0.4, 0.7, 0.9, 1.0]))
+    assert np.bincount(cut(s - 0.01, cuts), minlength=5).tolist() == [4, 3, 2, 1, 0]
+    # pulled toward them instead of toward rounding, a noisy fit lands nearer them
+    rng = np.random.default_rng(6)
+    noisy_s, noisy_y = rng.normal(1, 0.3, 40), rng.integers(0, 5, 40)
+    to_freq = fit_cutpoints(noisy_s, noisy_y, 5, strength=50.0, prior="frequencies")
+    to_round = fit_cutpoints(noisy_s, noisy_y, 5, strength=50.0)
+    home = frequency_cutpoints(noisy_s, noisy_y, 5)
+    assert np.abs(to_freq - home).sum() < np.abs(to_round - home).sum()
 
 
 def test_regression_scale_is_the_grid_point_of_least_nll():

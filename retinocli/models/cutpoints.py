@@ -10,6 +10,14 @@ Robustness on small validation sets: the penalty pulls the thresholds toward the
 ones, with weight ``strength / n`` (n = validation images), so 120 images can move a
 threshold only where QWK gains clearly more than it would by chance; with thousands of
 images the pull vanishes. ``strength=0`` is the plain maximiser.
+
+Measured (``scripts/cutpoint_study.py``, RESULTS.md): cut points fitted on one half of the
+120 RetinaMNIST validation images and scored on the other half, 100 stratified splits, ordinal
+runs of the recipe: strength 2 toward rounding gave the best held-out QWK (0.627 mean of three
+runs), ahead of the plain maximiser (0.618), bagging it over bootstrap resamples (0.626), a
+stronger pull (strength 8: 0.541), a pull toward the grade frequencies instead
+(``prior="frequencies"``, 0.610) and the frequencies alone (0.591); rounding without a fit
+scores 0.228, because an ordinal head's expected grade is squeezed toward the middle grades.
 """
 
 from __future__ import annotations
@@ -66,24 +74,34 @@ def _descend(s, y, start, k, t0, lam, cands, sweeps) -> tuple[np.ndarray, float]
     return cuts, best
 
 
+def frequency_cutpoints(scores: np.ndarray, y: np.ndarray, num_grades: int = 5) -> np.ndarray:
+    """The thresholds that give each grade as many images as ``y`` has: quantiles of the scores."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    freq = np.cumsum(np.bincount(np.asarray(y, np.int64), minlength=num_grades))[:-1] / max(1, len(y))
+    return np.quantile(s, np.clip(freq, 0.0, 1.0))
+
+
 def fit_cutpoints(scores: np.ndarray, y: np.ndarray, num_grades: int = 5, *, strength: float = 2.0,
-                  sweeps: int = 20) -> np.ndarray:
+                  sweeps: int = 20, prior: str = "rounding") -> np.ndarray:
     """K-1 sorted thresholds maximising QWK on (scores, y), pulled toward 0.5, 1.5, ...
 
     Args:
         scores: continuous grade scores (regression output or ordinal expected grade).
         y: true grades, 0..K-1.
         strength: regularisation; the penalty weight is ``strength / len(y)``.
+        prior: where the penalty pulls: ``"rounding"`` (0.5, 1.5, ...) or ``"frequencies"``
+            (:func:`frequency_cutpoints`; the study's alternative, not what training uses).
     """
     s = np.asarray(scores, np.float64).reshape(-1)
     y = np.asarray(y, np.int64).reshape(-1)
-    t0 = default_cutpoints(num_grades)
+    rounding = default_cutpoints(num_grades)
     if len(s) == 0 or len(np.unique(y)) < 2:
-        return t0
+        return rounding
     lam = strength / len(s)
     cands = _candidates(np.sort(s))
-    freq = np.cumsum(np.bincount(y, minlength=num_grades))[:-1] / len(y)
-    starts = [t0, np.quantile(s, np.clip(freq, 0.0, 1.0))]
+    frequencies = frequency_cutpoints(s, y, num_grades)
+    t0 = rounding if prior == "rounding" else frequencies
+    starts = [rounding, frequencies]
     fits = [_descend(s, y, start, num_grades, t0, lam, cands, sweeps) for start in starts]
     return max(fits, key=lambda f: f[1])[0]
 
