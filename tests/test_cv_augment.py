@@ -46,7 +46,7 @@ def replay(preset: str, image: torch.Tensor, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def fundus_images(tmp_path_factory) -> list[np.ndarray]:
-    """Sixteen generated fundus photographs at 64 px (black outside the disc, as real ones)."""
+    """Sixteen generated fundus photographs at 64 px."""
     from retinocli.data.synth import generate
 
     out = tmp_path_factory.mktemp("cv") / "data"
@@ -54,16 +54,30 @@ def fundus_images(tmp_path_factory) -> list[np.ndarray]:
     files = sorted(out.rglob("*.png")) + sorted(out.rglob("*.jpg")) + sorted(out.rglob("*.jpeg"))
     images = [np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE)), dtype=np.uint8).copy() for f in files[:16]]
     assert len(images) == 16
-    for im in images:  # a black frame, as a fundus photograph has round its disc
-        im[:2], im[-2:], im[:, :2], im[:, -2:] = 0, 0, 0, 0
     return images
 
 
+def black_frame(im: np.ndarray) -> np.ndarray:
+    """A whole fundus: black all round its disc (the warp's fast path)."""
+    im = im.copy()
+    im[:2], im[-2:], im[:, :2], im[:, -2:] = 0, 0, 0, 0
+    return im
+
+
+def cut_disc(im: np.ndarray) -> np.ndarray:
+    """The disc's middle, filling the frame (RetinaMNIST and EyePACS crops cut the disc)."""
+    m = SIZE // 6
+    out = np.array(Image.fromarray(im[m:-m, m:-m]).resize((SIZE, SIZE)), dtype=np.uint8)
+    assert out[0].mean() > 20 and out[:, 0].mean() > 20
+    return out
+
+
+@pytest.mark.parametrize("framed", [True, False], ids=["black-frame", "cut-disc"])
 @pytest.mark.parametrize("preset", ["light", "strong"])
-def test_same_parameters_give_the_torchvision_images(preset, fundus_images):
+def test_same_parameters_give_the_torchvision_images(preset, framed, fundus_images):
     transform, cv = augmentation(preset), CvAugment(preset)
     diffs, moved = [], []
-    for i, im in enumerate(fundus_images):
+    for i, im in enumerate(black_frame(im) if framed else cut_disc(im) for im in fundus_images):
         tensor = torch.from_numpy(im).permute(2, 0, 1).contiguous()
         torch.manual_seed(200 + i)
         reference = transform(tensor).permute(1, 2, 0).numpy().astype(np.int16)
@@ -71,7 +85,8 @@ def test_same_parameters_give_the_torchvision_images(preset, fundus_images):
         diffs.append(np.abs(ours - reference))
         moved.append(np.abs(im.astype(np.int16) - reference).mean())
     d = np.stack(diffs)
-    # measured: light about 3 % of levels off by one and 0.1 % by more; strong 7 % and 0.3 %
+    # measured: light about 3 % of levels off by one and 0.1 % by more; strong 7 % and 0.3 %.
+    # Without torchvision's edge fade, 1 % of a cut disc's levels were 5-40 off at 28 px.
     assert d.max() <= 6
     assert d.mean() < 0.15
     assert (d > 1).mean() < 0.005

@@ -15,8 +15,9 @@ is accepted (tests/test_cv_augment.py measures each against torchvision's own ou
 
 - OpenCV's bilinear warp rounds coordinates to 1/32 pixel and weights to fixed point, so a
   pixel on a sharp edge can land a level or two away from torchvision's;
-- outside the picture it fills with zeros but does not also darken the ring of pixels that
-  straddle the picture's edge as torchvision does (its fill blend): a fundus is black there;
+- torchvision darkens the ring of pixels that straddle the picture's edge (its fill blend
+  multiplies by a warped plane of ones): done here by a second, one-channel warp, skipped when
+  the picture's outer frame is black (a whole fundus), where it changes nothing;
 - greys come from a fixed-point transform, floored by rounding ``x - 0.499``;
 - hue goes through OpenCV's float HSV, whose arithmetic differs from torchvision's in the last bits.
 
@@ -149,5 +150,12 @@ class CvAugment:
         one["tx"] = torch.tensor([round(float(p["tx"]) * size) / size], dtype=torch.float32)
         one["ty"] = torch.tensor([round(float(p["ty"]) * size) / size], dtype=torch.float32)
         m = pixel_matrix(affine_theta(one)[0].double().numpy(), size)
-        return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        out = cv2.warpAffine(img, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if not (img[0].any() or img[-1].any() or img[:, 0].any() or img[:, -1].any()):
+            return out  # a black frame (a whole fundus): torchvision's edge fade changes nothing
+        # torchvision also warps a plane of ones and multiplies by it: the ring of pixels that
+        # straddles the picture's edge fades toward the fill
+        fade = cv2.warpAffine(np.full((size, size), 255, np.uint8), m, (size, size), flags=flags,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return cv2.multiply(out, cv2.cvtColor(fade, cv2.COLOR_GRAY2RGB), scale=1 / 255)
