@@ -215,3 +215,30 @@ def train_config(data, tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+
+
+def replay_preset(preset: str, image, seed: int) -> dict:
+    """The parameters torchvision's augmentation preset (``dataset.augmentation``) draws for a
+    square CHW ``image`` under ``torch.manual_seed(seed)``, in ``augment.sample_params``' terms:
+    drawn again in the order the preset's transforms draw them, shifts as fractions of the size,
+    RandomRotation's angle turned to RandomAffine's sense."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from retinocli.engine.augment import COLOUR_OPS
+    from retinocli.engine.dataset import augmentation
+
+    size = image.shape[-1]
+    flip_h, flip_v, geometry, jitter = augmentation(preset).transforms
+    torch.manual_seed(seed)
+    p: dict = {"flip_x": -1.0 if torch.rand(1) < flip_h.p else 1.0, "flip_y": -1.0 if torch.rand(1) < flip_v.p else 1.0}
+    g = geometry.make_params([image])
+    if isinstance(geometry, T.RandomAffine):
+        p.update(angle=g["angle"], tx=g["translate"][0] / size, ty=g["translate"][1] / size, scale=g["scale"])
+    else:
+        p.update(angle=-g["angle"], tx=0.0, ty=0.0, scale=1.0)
+    c = jitter.make_params([image])
+    neutral = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    p.update({k: c[f"{k}_factor"] if c[f"{k}_factor"] is not None else neutral[k] for k in COLOUR_OPS})
+    p["order"] = c["fn_idx"].tolist()
+    return p

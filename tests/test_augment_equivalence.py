@@ -12,30 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy import stats
-from torchvision.transforms import v2 as T
 
-from retinocli.engine.augment import COLOUR_OPS, PRESETS, BatchAugment, sample_params, whole_pixel_shifts
+from retinocli.engine.augment import PRESETS, BatchAugment, sample_params, whole_pixel_shifts
 from retinocli.engine.dataset import augmentation
+from builders import replay_preset
 
 SIZE = 40
-
-
-def replay(preset: str, image: torch.Tensor, seed: int) -> dict[str, float | list[int]]:
-    """The parameters the torchvision preset draws for ``image`` under ``torch.manual_seed(seed)``,
-    in BatchAugment's terms, by drawing them in the order the preset's transforms do."""
-    flip_h, flip_v, geometry, jitter = augmentation(preset).transforms
-    torch.manual_seed(seed)
-    p: dict = {"flip_x": -1.0 if torch.rand(1) < flip_h.p else 1.0, "flip_y": -1.0 if torch.rand(1) < flip_v.p else 1.0}
-    g = geometry.make_params([image])
-    if isinstance(geometry, T.RandomAffine):  # translate in whole pixels, RandomAffine's angle sense
-        p.update(angle=g["angle"], tx=g["translate"][0] / SIZE, ty=g["translate"][1] / SIZE, scale=g["scale"])
-    else:  # RandomRotation turns the other way round for the same angle
-        p.update(angle=-g["angle"], tx=0.0, ty=0.0, scale=1.0)
-    c = jitter.make_params([image])
-    neutral = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-    p.update({k: c[f"{k}_factor"] if c[f"{k}_factor"] is not None else neutral[k] for k in COLOUR_OPS})
-    p["order"] = c["fn_idx"].tolist()
-    return p
 
 
 def batch_of(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -54,7 +36,7 @@ def test_same_parameters_give_the_torchvision_images(preset):
     for i, image in enumerate(images):
         torch.manual_seed(100 + i)
         reference.append(transform(image))
-        rows.append(replay(preset, image, 100 + i))
+        rows.append(replay_preset(preset, image, 100 + i))
     ours = BatchAugment(preset).apply(images.float(), batch_of(rows))
     diff = (ours - torch.stack(reference).float()).abs()
     # float32 rounding of the factors moves a rare pixel across a uint8 boundary
@@ -81,7 +63,7 @@ def test_replayed_parameters_are_the_ones_the_preset_used():
 def test_parameter_distributions_match_torchvision(preset):
     n = 3000
     image = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
-    theirs = batch_of([replay(preset, image, 10_000 + i) for i in range(n)])
+    theirs = batch_of([replay_preset(preset, image, 10_000 + i) for i in range(n)])
     ours = whole_pixel_shifts(sample_params(PRESETS[preset], n, torch.Generator().manual_seed(5)), SIZE)
     for key in ("angle", "tx", "ty", "scale", "brightness", "contrast", "saturation", "hue"):
         if theirs[key].std() == 0:

@@ -1,7 +1,7 @@
 """``--augment-on opencv`` gives torchvision's preset images, faster (engine/cv_augment.py).
 
 Each fundus image goes through the real torchvision preset of ``dataset.augmentation`` under
-a seed; the parameters it drew are replayed (test_augment_equivalence.replay's way) into
+a seed; the parameters it drew are replayed (``builders.replay_preset``) into
 :meth:`CvAugment.apply`, and the uint8 levels are compared. OpenCV's fixed-point bilinear
 weights and its rounded greys cannot be bit-exact, so the test bounds how far and how often
 they differ; the colour rules that matter (clamp and truncate after each step, random order)
@@ -15,33 +15,15 @@ import pytest
 import torch
 from PIL import Image
 from scipy import stats
-from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from retinocli.engine.augment import COLOUR_OPS, PRESETS, sample_params
+from retinocli.engine.augment import PRESETS, sample_params
 from retinocli.engine.cv_augment import CvAugment, pixel_matrix
 from retinocli.engine.dataset import FundusDataset, augmentation
 from retinocli.imaging.preprocess import Preprocess
+from builders import replay_preset
 
 SIZE = 64
-
-
-def replay(preset: str, image: torch.Tensor, seed: int) -> dict:
-    """The parameters torchvision's preset draws under ``torch.manual_seed(seed)``, in
-    :func:`sample_params`' terms (shifts as fractions of the size, RandomRotation's sign)."""
-    flip_h, flip_v, geometry, jitter = augmentation(preset).transforms
-    torch.manual_seed(seed)
-    p: dict = {"flip_x": -1.0 if torch.rand(1) < flip_h.p else 1.0, "flip_y": -1.0 if torch.rand(1) < flip_v.p else 1.0}
-    g = geometry.make_params([image])
-    if isinstance(geometry, T.RandomAffine):
-        p.update(angle=g["angle"], tx=g["translate"][0] / SIZE, ty=g["translate"][1] / SIZE, scale=g["scale"])
-    else:
-        p.update(angle=-g["angle"], tx=0.0, ty=0.0, scale=1.0)
-    c = jitter.make_params([image])
-    neutral = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
-    p.update({k: c[f"{k}_factor"] if c[f"{k}_factor"] is not None else neutral[k] for k in COLOUR_OPS})
-    p["order"] = c["fn_idx"].tolist()
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +63,7 @@ def test_same_parameters_give_the_torchvision_images(preset, framed, fundus_imag
         tensor = torch.from_numpy(im).permute(2, 0, 1).contiguous()
         torch.manual_seed(200 + i)
         reference = transform(tensor).permute(1, 2, 0).numpy().astype(np.int16)
-        ours = cv.apply(im, replay(preset, tensor, 200 + i)).astype(np.int16)
+        ours = cv.apply(im, replay_preset(preset, tensor, 200 + i)).astype(np.int16)
         diffs.append(np.abs(ours - reference))
         moved.append(np.abs(im.astype(np.int16) - reference).mean())
     d = np.stack(diffs)
@@ -142,7 +124,7 @@ def test_parameters_per_seed_follow_torchvision(preset):
     image = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
     cv = CvAugment(preset)
     ours = [cv.params(seed) for seed in range(n)]
-    theirs = [replay(preset, image, 50_000 + i) for i in range(n)]
+    theirs = [replay_preset(preset, image, 50_000 + i) for i in range(n)]
     for key in ("angle", "brightness", "contrast", "saturation", "hue", "scale"):
         a, b = np.array([p[key] for p in ours]), np.array([p[key] for p in theirs])
         if b.std() == 0:
