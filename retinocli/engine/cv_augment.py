@@ -16,8 +16,9 @@ is accepted (tests/test_cv_augment.py measures each against torchvision's own ou
 - OpenCV's bilinear warp rounds coordinates to 1/32 pixel and weights to fixed point, so a
   pixel on a sharp edge can land a level or two away from torchvision's;
 - torchvision darkens the ring of pixels that straddle the picture's edge (its fill blend
-  multiplies by a warped plane of ones): done here by a second, one-channel warp, skipped when
-  the picture's outer frame is black (a whole fundus), where it changes nothing;
+  multiplies by a warped plane of ones): done here by warping the plane as a fourth channel,
+  skipped when the picture's outer frame is dark (<= ``DARK_FRAME`` levels: a whole fundus),
+  where it would move those dark pixels by at most that much;
 - greys come from a fixed-point transform, floored by rounding ``x - 0.499``;
 - hue goes through OpenCV's float HSV, whose arithmetic differs from torchvision's in the last bits.
 
@@ -31,6 +32,7 @@ import numpy as np
 from retinocli.errors import RetinoError
 
 _LUMA = (0.2989, 0.587, 0.114)
+DARK_FRAME = 10  # an outer frame no brighter than this is a fundus's black margin (JPEG noise included)
 _FLOOR = -0.499  # rounding x + _FLOOR is floor(x) for every x not within 0.001 below an integer
 
 
@@ -150,12 +152,15 @@ class CvAugment:
         one["tx"] = torch.tensor([round(float(p["tx"]) * size) / size], dtype=torch.float32)
         one["ty"] = torch.tensor([round(float(p["ty"]) * size) / size], dtype=torch.float32)
         m = pixel_matrix(affine_theta(one)[0].double().numpy(), size)
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        out = cv2.warpAffine(img, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if not (img[0].any() or img[-1].any() or img[:, 0].any() or img[:, -1].any()):
-            return out  # a black frame (a whole fundus): torchvision's edge fade changes nothing
-        # torchvision also warps a plane of ones and multiplies by it: the ring of pixels that
-        # straddles the picture's edge fades toward the fill
-        fade = cv2.warpAffine(np.full((size, size), 255, np.uint8), m, (size, size), flags=flags,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        return cv2.multiply(out, cv2.cvtColor(fade, cv2.COLOR_GRAY2RGB), scale=1 / 255)
+
+        def warp(a: np.ndarray) -> np.ndarray:
+            return cv2.warpAffine(a, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+        if max(img[0].max(), img[-1].max(), img[:, 0].max(), img[:, -1].max()) <= DARK_FRAME:
+            return warp(img)  # a whole fundus, dark all round: torchvision's edge fade changes ~nothing
+        # torchvision also warps a plane of ones and multiplies by it, so the ring of pixels that
+        # straddles the picture's edge fades toward the fill: the plane rides along as alpha
+        out = warp(cv2.cvtColor(img, cv2.COLOR_RGB2RGBA))
+        fade = cv2.cvtColor(np.ascontiguousarray(out[..., 3]), cv2.COLOR_GRAY2RGB)
+        return cv2.multiply(cv2.cvtColor(out, cv2.COLOR_RGBA2RGB), fade, scale=1 / 255)
