@@ -11,15 +11,20 @@ images.
   referable AUC, with its 95 % interval and a verdict: "distinguishable from zero" when the
   interval excludes 0 (:func:`seed_paired_bootstrap`).
 
-How a recipe's seeds enter the paired comparison: *pooled*, not averaged. Every seed's
-predictions stay rows of their own (an image scored by 3 seeds is 3 rows), and each bootstrap
-resample draws patients (images where names carry none) and, within each recipe, seeds, both
-with replacement. Why pooled: averaging the seeds' probabilities per image scores the ensemble
-of the seeds, a better model than any run a user trains and deploys, so its difference would
-not be the difference between the mean ± sd rows printed above it; the pooled metric estimates
-a single run's (it is close to the seeds' mean). Why seeds are resampled too: the question is
-whether the difference is more than seed noise (#15), and an interval that held the seeds fixed
-would count only which images happened to be in the test set. With one run per recipe this is
+How a recipe's seeds enter the paired comparison: each seed's metric, averaged over the seeds.
+Every bootstrap resample draws patients (images where names carry none) and, within each
+recipe, seeds, both with replacement; each drawn seed's metric is computed on the drawn images
+and the drawn seeds' metrics are averaged. The point estimate is therefore the difference of
+the mean ± sd rows printed above it. Not averaged probabilities: those score the ensemble of
+the seeds, a better model than any run a user trains and deploys. Not pooled rows either (every
+seed's predictions stacked as rows of one set, as this module first did): a rank metric over
+them ranks one model's scores against another's, so two seeds that order the images alike but
+on different scales lose AUC. Measured on RetinaMNIST (RESULTS.md, 2026-11-28): OpenCV against
+torchvision augmentation, three seeds each, referable AUC 0.845 ± 0.003 against 0.848 ± 0.006,
+but pooled −0.111 (one seed was chosen at epoch 2, its probabilities squeezed). Why seeds are
+resampled too: the question is whether the difference is more than seed noise (#15), and an
+interval that held the seeds fixed would count only which images happened to be in the test
+set. With one run per recipe this is
 :func:`retinocli.reporting.bootstrap.paired_bootstrap` exactly.
 
 Writes, beside report.md: ``study.json`` (everything), ``seeds.csv`` (recipe x metric: n, mean,
@@ -32,7 +37,7 @@ Public API:
 * :func:`recipes` / :func:`summarise`: runs -> recipes -> mean ± sd and per-seed values;
   :func:`mean_sd` formats one (``0.412 ± 0.021``, ``52.3 % ± 2.1 %``).
 * :func:`seed_paired_bootstrap`: the paired difference of two recipes from arrays;
-  :func:`pooled_predictions` / :func:`paired_comparison`: the same from run folders.
+  :func:`seed_predictions` / :func:`paired_comparison`: the same from run folders.
 """
 
 from __future__ import annotations
@@ -175,7 +180,7 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
                           probs_b: ArrayLike, *, groups: ArrayLike | None = None,
                           metric_names: Sequence[str] = PAIRED_METRICS, n_boot: int = N_BOOT, seed: int = SEED,
                           level: float = LEVEL, resample_seeds: bool = True) -> dict[str, Any]:
-    """Bootstrap the difference A − B of two recipes' pooled metrics on the same images.
+    """Bootstrap the difference A − B of two recipes' seed-mean metrics on the same images.
 
     Args:
         y_true: ``(n,)`` true grades. pred_a, pred_b: ``(seeds, n)`` predicted grades (or
@@ -187,7 +192,8 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
     Returns:
         As :func:`retinocli.reporting.bootstrap.paired_bootstrap` (meta, and ``metrics: {name:
         {"estimate", "low", "high", "skipped", "verdict"}}``), plus ``seeds_a``, ``seeds_b``
-        and ``resample_seeds``. The estimate is the pooled metric of A's rows minus B's.
+        and ``resample_seeds``. The estimate is the mean over A's seeds of each seed's metric
+        minus the same for B: the difference of the mean ± sd rows.
     """
     truth = np.asarray(y_true)
     (ya, pa), (yb, pb) = _stack(pred_a, probs_a), _stack(pred_b, probs_b)
@@ -195,33 +201,34 @@ def seed_paired_bootstrap(y_true: ArrayLike, pred_a: ArrayLike, probs_a: ArrayLi
     if pa.shape[1:] != (n, pa.shape[2]) or pb.shape[1:] != pa.shape[1:]:
         raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must hold the same {n} images")
     bootstrap.check_metric_names(metric_names)
-    # the bootstrap's scorer on each recipe's rows, seed-major: row s * n + i is seed s on image i
-    scorers = [bootstrap.metric_scorer(np.tile(truth, p.shape[0]), y.ravel(), p.reshape(-1, p.shape[2]), None,
-                                       None, p.shape[2])[1] for y, p in ((ya, pa), (yb, pb))]
-    counts = (pa.shape[0], pb.shape[0])
+    # the bootstrap's scorer of each seed of each recipe, on the n images
+    scorers = [[bootstrap.metric_scorer(truth, y[s], p[s], None, None, p.shape[2])[1] for s in range(len(p))]
+               for y, p in ((ya, pa), (yb, pb))]
     meta = bootstrap.bootstrap_meta(groups, n, n_boot, seed, level)
     seed_rng = np.random.default_rng([seed, 1])  # apart from the patients' draws: one run gives paired_bootstrap's
 
-    def rows(w: np.ndarray, s: int) -> np.ndarray:
-        """Per-row weights of a recipe with ``s`` seeds: the image's draws times the seed's."""
+    def recipe(seeds: list, w: np.ndarray, resampled: bool) -> dict[str, np.ndarray]:
+        """Each seed's metric on the drawn images, averaged over the drawn seeds."""
+        per_seed = [score(w) for score in seeds]
+        s = len(seeds)
         if s == 1:
-            return w
-        k = (seed_rng.multinomial(s, [1 / s] * s, size=w.shape[0]) if resample_seeds
-             else np.ones((w.shape[0], s)))
-        return (k[:, :, None] * w[:, None, :]).reshape(w.shape[0], s * n)
+            return per_seed[0]
+        k = (seed_rng.multinomial(s, [1 / s] * s, size=w.shape[0]) if resampled and resample_seeds
+             else np.ones((w.shape[0], s), np.int64))
+        return {name: np.where(k > 0, np.stack([m[name] for m in per_seed], 1) * k, 0.0).sum(1) / s
+                for name in metric_names}
 
     def diff(w: np.ndarray, resampled: bool = True) -> dict[str, np.ndarray]:
-        wa, wb = ((rows(w, s) if resampled else np.tile(w, s)) for s in counts)
-        a, b = scorers[0](wa), scorers[1](wb)
+        a, b = recipe(scorers[0], w, resampled), recipe(scorers[1], w, resampled)
         return {k: a[k] - b[k] for k in metric_names}
 
     point = diff(np.ones((1, n)), resampled=False)
     samples = bootstrap.bootstrap_samples(diff, n, groups, n_boot, seed)
     out = {k: bootstrap.paired_interval(point[k][0], samples[k], level) for k in metric_names}
-    return {**meta, "seeds_a": counts[0], "seeds_b": counts[1], "resample_seeds": resample_seeds, "metrics": out}
+    return {**meta, "seeds_a": len(pa), "seeds_b": len(pb), "resample_seeds": resample_seeds, "metrics": out}
 
 
-def pooled_predictions(recipe: Recipe) -> dict[str, Any]:
+def seed_predictions(recipe: Recipe) -> dict[str, Any]:
     """A recipe's evaluated predictions, one row per image and a layer per seed, images sorted:
     ``images``, ``y_true`` (n,), ``y_pred`` (seeds, n), ``probs`` (seeds, n, K), ``groups``.
 
@@ -252,7 +259,7 @@ def pooled_predictions(recipe: Recipe) -> dict[str, Any]:
 
 def paired_comparison(a: dict[str, Any], b: dict[str, Any], *, n_boot: int = N_BOOT,
                       seed: int = SEED) -> dict[str, Any] | None:
-    """:func:`seed_paired_bootstrap` of two :func:`pooled_predictions`; None when they do not hold
+    """:func:`seed_paired_bootstrap` of two :func:`seed_predictions`; None when they do not hold
     the same images with the same grades."""
     if not (np.array_equal(a["images"], b["images"]) and np.array_equal(a["y_true"], b["y_true"])):
         return None
@@ -280,8 +287,8 @@ class Study:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN as null)."""
         return jsonable({"recipes": self.recipes, "comparisons": self.comparisons, "notes": self.notes,
-                         "pooling": "each seed's predictions are rows of their own; resamples draw patients "
-                                    "(or images) and each recipe's seeds with replacement",
+                         "seed_averaging": "each seed's metric, averaged over the seeds; resamples draw "
+                                           "patients (or images) and each recipe's seeds with replacement",
                          "files": [str(p) for p in self.files]})
 
 
@@ -289,15 +296,15 @@ def study(runs: Sequence[RunSummary], *, n_boot: int = N_BOOT, seed: int = SEED)
     """Recipes, their mean ± sd, and a paired comparison of every two recipes evaluated on the same images."""
     groups = recipes(runs)
     result = Study([summarise(g) for g in groups])
-    pooled: dict[str, dict[str, Any]] = {}
+    layered: dict[str, dict[str, Any]] = {}
     for g in groups:
         if any(r.metrics is not None for r in g.runs):
             try:
-                pooled[g.name] = pooled_predictions(g)
+                layered[g.name] = seed_predictions(g)
             except RetinoError as exc:
                 result.notes.append(f"`{g.name}` is left out of the paired comparisons: {exc}.")
-    for a, b in itertools.combinations(pooled, 2):
-        compared = paired_comparison(pooled[a], pooled[b], n_boot=n_boot, seed=seed)
+    for a, b in itertools.combinations(layered, 2):
+        compared = paired_comparison(layered[a], layered[b], n_boot=n_boot, seed=seed)
         if compared is None:
             result.notes.append(f"`{a}` and `{b}` were not evaluated on the same images: no paired comparison.")
         else:
@@ -360,8 +367,8 @@ def markdown_lines(st: Study) -> list[str]:
     if st.comparisons:
         first = st.comparisons[0]
         lines += [f"Paired comparison, A − B on the same images ({first['n_boot']:,} bootstrap resamples of "
-                  f"{first['unit']}s and of each recipe's seeds; every seed's predictions pooled as rows of their "
-                  "own). A difference is distinguishable from zero when its 95 % interval excludes 0:", ""]
+                  f"{first['unit']}s and of each recipe's seeds; each seed's metric, averaged over the "
+                  "seeds). A difference is distinguishable from zero when its 95 % interval excludes 0:", ""]
         lines += [f"- {comparison_line(c)}" for c in st.comparisons] + [""]
     for note in [n for r in st.recipes for n in r["notes"]] + st.notes:
         lines += [f"Note: {note}", ""]
