@@ -108,8 +108,11 @@ def test_ctrl_c_mid_epoch_exits_130_names_resume_then_resumes(reference, synth_d
     """SIGINT (Ctrl-C) is not success: exit 130 so `set -e` scripts stop, and say how to go on."""
     project = tmp_path / "runs"
     run = project / "cut"
+    # a suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then never turns it into KeyboardInterrupt: give the child the default disposition
     proc = subprocess.Popen(retino("train", "--data", synth_data, *TRAIN_ARGS, "--project", project, "--name", "cut"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # at once: epoch 1 is saved (history.csv is written last), so any moment from here is in epoch 2
         wait_for(lambda: history_rows(run) >= 1 or proc.poll() is not None)
