@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from retinocli import GRADE_NAMES, NUM_GRADES
 from retinocli.config import TrainConfig
-from retinocli.engine.augment import BatchAugment
+from retinocli.engine.augment import BatchAugment, auto_augment_on
 from retinocli.engine.jpeg_decode import check_gpu_decode
 from retinocli.engine.checkpoints import load_resume_state, model_state, save_checkpoint, training_state
 from retinocli.engine.dataset import IGNORE
@@ -203,16 +203,6 @@ def _better(metric: str, new: dict, best: dict | None) -> bool:
 
 
 # ---------------------------------------------------------------------------- main
-
-
-def auto_augment_on(device_type: str) -> str:
-    """``--augment-on auto``: batched on a GPU; on a CPU per image in parallel workers, with
-    OpenCV (3-4x torchvision's speed per core; the batched path gains little there)."""
-    if device_type == "cuda":
-        return "device"
-    from retinocli.engine.cv_augment import available
-
-    return "opencv" if available() else "workers"
 
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, force: bool = False,
