@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from retinocli.errors import RetinoError
 
 # torchvision's rgb_to_grayscale weights (0.2989, not ITU-R 601's 0.299)
-_LUMA = (0.2989, 0.587, 0.114)
+LUMA = (0.2989, 0.587, 0.114)
 COLOUR_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
@@ -157,7 +157,7 @@ def warp(u: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def grey(u: torch.Tensor) -> torch.Tensor:
     """Floored luma of float NCHW in [0, 255], (N, 1, H, W): torchvision's grey of a uint8 image."""
     r, g, b = u.unbind(1)
-    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).floor_().unsqueeze(1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).floor_().unsqueeze(1)
 
 
 def shift_hue(u: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:

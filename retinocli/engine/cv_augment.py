@@ -22,16 +22,17 @@ is accepted (tests/test_cv_augment.py measures each against torchvision's own ou
 - greys come from a fixed-point transform, floored by rounding ``x - 0.499``;
 - hue goes through OpenCV's float HSV, whose arithmetic differs from torchvision's in the last bits.
 
-No torch at import; parameters are drawn with torch's generator when an image is augmented.
+Parameters are drawn with torch's generator, as the batched path draws them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from retinocli.engine.augment import LUMA, PRESETS, affine_theta, sample_params, whole_pixel_shifts
 from retinocli.errors import RetinoError
 
-_LUMA = (0.2989, 0.587, 0.114)
 DARK_FRAME = 10  # an outer frame no brighter than this is a fundus's black margin (JPEG noise included)
 _FLOOR = -0.499  # rounding x + _FLOOR is floor(x) for every x not within 0.001 below an integer
 
@@ -66,8 +67,8 @@ def mean_grey(img: np.ndarray, cv2) -> float:
     """torchvision's mean floored grey, from the channel means: flooring takes half a level
     off every pixel that is not black, on average."""
     r, g, b, _ = cv2.mean(img)
-    lit = cv2.countNonZero(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)) / (img.shape[0] * img.shape[1])
-    return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b - 0.5 * lit
+    lit = cv2.countNonZero(grey(img, cv2)) / (img.shape[0] * img.shape[1])
+    return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b - 0.5 * lit
 
 
 def brightness(img: np.ndarray, f: float, cv2) -> np.ndarray:
@@ -104,18 +105,12 @@ class CvAugment:
     """One preset on HWC uint8 numpy images, one at a time; ``aug(image, seed)``."""
 
     def __init__(self, preset: str):
-        from retinocli.engine.augment import PRESETS
-
         if preset not in PRESETS:
             raise RetinoError(f"unknown augmentation {preset!r}; choose none, light or strong")
-        self.name, self.preset = preset, PRESETS[preset]
+        self.preset = PRESETS[preset]
 
     def params(self, seed: int) -> dict[str, float | list[int]]:
         """The parameters of one image under ``seed``, in :func:`sample_params`' terms."""
-        import torch
-
-        from retinocli.engine.augment import sample_params
-
         p = sample_params(self.preset, 1, torch.Generator().manual_seed(int(seed)))
         return {k: (v[0].tolist()) for k, v in p.items()}
 
@@ -143,15 +138,8 @@ class CvAugment:
 
     @staticmethod
     def _warp(img: np.ndarray, p: dict, size: int, cv2) -> np.ndarray:
-        import torch
-
-        from retinocli.engine.augment import affine_theta
-
-        one = {k: torch.tensor([float(p[k])], dtype=torch.float32)
-               for k in ("flip_x", "flip_y", "angle", "scale")}
-        one["tx"] = torch.tensor([round(float(p["tx"]) * size) / size], dtype=torch.float32)
-        one["ty"] = torch.tensor([round(float(p["ty"]) * size) / size], dtype=torch.float32)
-        m = pixel_matrix(affine_theta(one)[0].double().numpy(), size)
+        one = {k: torch.tensor([float(p[k])]) for k in ("flip_x", "flip_y", "angle", "scale", "tx", "ty")}
+        m = pixel_matrix(affine_theta(whole_pixel_shifts(one, size))[0].double().numpy(), size)
 
         def warp(a: np.ndarray) -> np.ndarray:
             return cv2.warpAffine(a, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,

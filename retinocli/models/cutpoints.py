@@ -100,7 +100,7 @@ def fit_cutpoints(scores: np.ndarray, y: np.ndarray, num_grades: int = 5, *, str
     lam = strength / len(s)
     cands = _candidates(np.sort(s))
     frequencies = frequency_cutpoints(s, y, num_grades)
-    t0 = rounding if prior == "rounding" else frequencies
+    t0 = {"rounding": rounding, "frequencies": frequencies}[prior]
     starts = [rounding, frequencies]
     fits = [_descend(s, y, start, num_grades, t0, lam, cands, sweeps) for start in starts]
     return max(fits, key=lambda f: f[1])[0]
