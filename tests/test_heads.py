@@ -289,3 +289,41 @@ def test_coral_loss_is_the_summed_binary_cross_entropy_of_the_levels():
     # unreadable images (target -100) are left out of the mean
     loss = HeadLoss("ordinal")(torch.cat([out, out[:1]]), torch.tensor([2, 0, -100]))
     assert loss.item() == pytest.approx(expected.mean(), rel=1e-6)
+
+
+def test_coral_prior_bias_gives_a_featureless_image_the_grade_prior():
+    from retinocli.models.heads import coral_prior_bias
+
+    counts = np.array([470.0, 128, 214, 194, 74])  # RetinaMNIST train's grades (1,080 images)
+    bias = coral_prior_bias(counts)
+    # worked by hand: P(grade > 0) = 610/1080, log(610/470) = 0.26075
+    assert bias[0].item() == pytest.approx(np.log(610 / 470), abs=1e-6)
+    assert bias[3].item() == pytest.approx(np.log(74 / 1006), abs=1e-6)
+    np.testing.assert_allclose(ordinal_probs(bias.numpy()[None, :].astype(np.float64))[0], counts / counts.sum(),
+                               atol=1e-6)
+    # an absent grade counts half the rarest: finite, ordered biases
+    sparse = coral_prior_bias([10.0, 0, 4, 2, 0])
+    assert torch.isfinite(sparse).all() and (sparse.diff() < 0).all()
+    np.testing.assert_allclose(ordinal_probs(sparse.numpy()[None, :].astype(np.float64))[0],
+                               np.array([10, 1, 4, 2, 1]) / 18, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one graded image"):
+        coral_prior_bias([0.0] * 5)
+
+
+@pytest.mark.parametrize("sampler,weights", [("uniform", "none"), ("uniform", "sqrt"), ("balanced", "none")])
+def test_ordinal_training_starts_from_the_prior_its_loss_sees(sampler, weights, tiny_data, tmp_path):
+    from retinocli.engine.dataset import class_counts
+    from retinocli.engine.parts import build_data, build_parts
+    from retinocli.engine.placement import Placement
+
+    c = cfg(tiny_data, tmp_path, head="ordinal", sampler=sampler, class_weights=weights)
+    place = Placement.choose("cpu")
+    data = build_data(c, place)
+    counts = class_counts(data.train_grades).astype(float)
+    assert (counts > 0).all()
+    # what each grade weighs in the loss: its count; count x (1/count)^0.5; one each when drawn evenly
+    share = {"none": counts, "sqrt": np.sqrt(counts)}[weights] if sampler == "uniform" else np.ones(5)
+    parts = build_parts(c, place, data, None)
+    probs = ordinal_probs(parts.core.fc.bias.detach().double().numpy()[None, :])[0]
+    np.testing.assert_allclose(probs, share / share.sum(), atol=1e-6)
+    assert parts.ema is None

@@ -21,14 +21,14 @@ from torch import nn
 from retinocli import NUM_GRADES
 from retinocli.config import TrainConfig
 from retinocli.engine.augment import BatchAugment
-from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_weights, make_loader,
+from retinocli.engine.dataset import (IGNORE, EpochSampler, FundusDataset, class_counts, class_weights, make_loader,
                                       sample_weights, training_split)
 from retinocli.engine.placement import Placement
 from retinocli.engine.regularize import BatchMix, make_ema
 from retinocli.errors import RetinoError
 from retinocli.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from retinocli.machine import loader_workers
-from retinocli.models.heads import HeadLoss
+from retinocli.models.heads import HeadLoss, coral_prior_bias
 from retinocli.models.registry import create_model, use_small_stem
 
 if TYPE_CHECKING:
@@ -197,6 +197,14 @@ class Parts:
         return self.ema.module if self.ema is not None else self.core
 
 
+def loss_frequencies(cfg: TrainConfig, grades: list[int], weight: torch.Tensor | None) -> np.ndarray:
+    """Each grade's share of the training loss: what the sampler draws times its class weight."""
+    counts = class_counts(grades).astype(np.float64)
+    if cfg.sampler == "balanced":
+        counts = (counts > 0).astype(np.float64)
+    return counts * (weight.numpy() if weight is not None else 1.0)
+
+
 def build_parts(cfg: TrainConfig, place: Placement, data: Data, state: dict | None,
                 ckpt_path: Path | None = None) -> Parts:
     """The model (``state``'s weights when resuming) on its device, with optimiser, schedule and loss.
@@ -206,6 +214,10 @@ def build_parts(cfg: TrainConfig, place: Placement, data: Data, state: dict | No
     small = use_small_stem(cfg.stem, cfg.img_size, cfg.pretrained)
     model = create_model(cfg.arch, weights=None if state else cfg.weights, small_stem=small, head=cfg.head,
                          pool=cfg.pool)
+    weight = class_weights(data.train_grades, cfg.class_weights)
+    if state is None and cfg.head == "ordinal":
+        with torch.no_grad():
+            model.fc.bias.copy_(coral_prior_bias(loss_frequencies(cfg, data.train_grades, weight)))
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -226,7 +238,6 @@ def build_parts(cfg: TrainConfig, place: Placement, data: Data, state: dict | No
     optimizer = build_optimizer(cfg, core)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(data.train_loader)))
     scaler = torch.amp.GradScaler(place.device.type, enabled=place.needs_scaler)
-    weight = class_weights(data.train_grades, cfg.class_weights)
     criterion = HeadLoss(cfg.head, weight=weight.to(place.device) if weight is not None else None,
                          label_smoothing=cfg.label_smoothing, ignore_index=IGNORE)
     mean = torch.tensor(data.prep.mean, device=place.device).view(1, 3, 1, 1)

@@ -5,8 +5,8 @@ mechanics, in :mod:`retinocli.engine.regularize`.)
 The ordinal loss is CORAL (Cao, Mirjalili & Raschka 2020), written here rather than taken from
 ``coral-pytorch``: it is ten lines (binary cross-entropy of K-1 shared-weight logits against
 the "grade > k" levels), the package would add a dependency for them, and its layer has the
-same parameterisation as :class:`CoralHead` (one weight vector, K-1 biases initialised
-(K-1..1)/(K-1)).
+same parameterisation as :class:`CoralHead` (one weight vector, K-1 biases). Unlike its layer,
+training starts the biases at the grades' prior (:func:`coral_prior_bias`), not (K-1..1)/(K-1).
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from retinocli.models.grading import head_width
 
 
 class CoralHead(nn.Module):
-    """K-1 cumulative logits sharing one weight vector: ``x @ w + b_k`` (rank consistent)."""
+    """K-1 cumulative logits sharing one weight vector: ``x @ w + b_k`` (rank consistent).
+
+    The biases start at coral-pytorch's (K-1..1)/(K-1); training sets them to the grades' prior
+    with :func:`coral_prior_bias` (:func:`retinocli.engine.parts.build_parts`).
+    """
 
     def __init__(self, in_features: int, num_grades: int):
         super().__init__()
@@ -41,6 +45,24 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / self.p)
+
+
+def coral_prior_bias(frequencies) -> torch.Tensor:
+    """CORAL biases at which a featureless image gets the grades' prior: ``logit(P(grade > k))``.
+
+    The middle grades' probabilities are differences of neighbouring sigmoids, so they can
+    never exceed what the biases' gaps allow: from coral-pytorch's start (gaps of 0.25) no
+    grade between the first and last gets more than 6 %. With AdamW at 1e-3 a bias moves about
+    1e-3 a step, so on a small set the gaps hardly grow (a RetinaMNIST recipe run ended with
+    biases 1.03/0.77/0.48/0.22, the same as they started). ``frequencies``: the grades' share of
+    the training loss (counts times class weights); an absent grade counts half the rarest one.
+    """
+    f = torch.as_tensor(frequencies, dtype=torch.float64).clamp(min=0)
+    if not bool((f > 0).any()):
+        raise ValueError("coral_prior_bias needs at least one graded image")
+    f = torch.where(f > 0, f, 0.5 * f[f > 0].min())  # no infinite bias for a grade not seen
+    above = (f.sum() - f.cumsum(0))[:-1] / f.sum()  # P(grade > k), k = 0..K-2
+    return torch.logit(above).float()
 
 
 def make_head(head: str, in_features: int, num_grades: int) -> nn.Module:
