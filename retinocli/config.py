@@ -21,7 +21,7 @@ CHOICES = {
     "sampler": ("uniform", "balanced"),
     "optimizer": ("sgd", "adamw"),
     "scheduler": ("cosine", "step", "none"),
-    "select_metric": ("qwk", "accuracy", "loss"),
+    "select_metric": ("qwk", "accuracy", "loss", "last"),
     "stem": ("auto", "imagenet", "small"),
     "head": ("classification", "regression", "ordinal"),  # issue #14
     "pool": ("avg", "gem"),
@@ -125,6 +125,9 @@ class TrainConfig:
             raise RetinoError(f"--workers must be 0 or more; got {self.workers}")
         if self.patience is not None and self.patience < 1:
             raise RetinoError(f"--patience must be at least 1; got {self.patience}")
+        if self.patience is not None and self.select_metric == "last":
+            raise RetinoError("--patience stops when a validation metric stops improving; --select-metric last "
+                              "watches none (it keeps the final epoch): choose one or drop --patience")
         if self.mode == "two-stage" and not 0 < self.head_epochs < self.epochs:
             raise RetinoError(f"--head-epochs must be between 1 and --epochs - 1 for two-stage; got {self.head_epochs}")
         if not 0.0 <= self.ema < 1.0:

@@ -36,6 +36,22 @@ HISTORY_FIELDS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val
 SPLIT_COLUMNS = ("image", "path", "grade", "split", "patient", "eye")
 
 
+def best_index(history: pd.DataFrame, metric: str) -> int | None:
+    """The row of history.csv whose epoch best.pt holds, as training keeps it: the best finite
+    ``val_<metric>`` (least for ``loss``), the first on ties; with ``last``, the last row. None
+    when no value is finite (or no row)."""
+    import numpy as np
+
+    if history.empty:
+        return None
+    if metric == "last":
+        return len(history) - 1
+    values = history[f"val_{metric}"].to_numpy(dtype=float)
+    if not np.isfinite(values).any():
+        return None
+    return int(np.nanargmin(values) if metric == "loss" else np.nanargmax(values))
+
+
 def newest(root: str | Path, pattern: str, missing: str) -> Path:
     """The most recently written file matching ``pattern`` anywhere under ``root``.
 

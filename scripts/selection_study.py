@@ -139,7 +139,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=["prior", "coral-pytorch"], choices=["prior", "coral-pytorch"])
     ap.add_argument("--carve", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (a dry run)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="override the recipe's epochs (its arms are kept apart from the recipe's in the results)")
     args = ap.parse_args()
     data = carve(args.data, args.out / "data", args.carve)
     splits = {"val": folder_split(data / "val"), "holdout": folder_split(data / "holdout")}
@@ -151,14 +152,16 @@ def main() -> None:
     log = args.out / "epochs.json"
     if log.exists():
         results = {arm: {int(s): rows for s, rows in seeds.items()} for arm, seeds in json.loads(log.read_text()).items()}
-    for arm in args.arms:
-        parts_module.coral_prior_bias = prior_start if arm == "prior" else (
+    for start in args.arms:
+        parts_module.coral_prior_bias = prior_start if start == "prior" else (
             lambda f: torch.arange(len(f) - 1, 0, -1).float() / (len(f) - 1))
+        arm = f"{start}, {recipe['epochs']} epochs" if args.epochs else start
         for seed in args.seeds:
             if seed in results.get(arm, {}):
                 continue
             cfg = TrainConfig(**{**recipe, "data": str(data), "seed": seed, "project": str(args.out / "runs"),
-                                 "name": f"{arm}-s{seed}", "recipe": str(args.config)})
+                                 "name": f"{arm.replace(', ', '-').replace(' ', '')}-s{seed}",
+                                 "recipe": str(args.config)})
             results.setdefault(arm, {})[seed] = one_run(cfg, splits)
             log.write_text(json.dumps(results, indent=1))
     parts_module.coral_prior_bias = prior_start

@@ -327,3 +327,32 @@ def test_ordinal_training_starts_from_the_prior_its_loss_sees(sampler, weights, 
     probs = ordinal_probs(parts.core.fc.bias.detach().double().numpy()[None, :])[0]
     np.testing.assert_allclose(probs, share / share.sum(), atol=1e-6)
     assert parts.ema is None
+
+
+def test_best_index_is_the_rule_training_keeps():
+    import pandas as pd
+
+    from retinocli.rundir import best_index
+
+    h = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_qwk": [0.5, 0.7, 0.7, 0.6], "val_loss": [1.2, 1.0, 1.1, float("nan")],
+                      "val_accuracy": [float("nan")] * 4})
+    assert best_index(h, "qwk") == 1  # the first of a tie, as the trainer's strict ">"
+    assert best_index(h, "loss") == 1
+    assert best_index(h, "last") == 3
+    assert best_index(h, "accuracy") is None
+    assert best_index(h.iloc[:0], "last") is None
+
+
+def test_select_last_keeps_the_final_epoch_and_refuses_patience(tiny_data, tmp_path):
+    from retinocli.engine.seeds import train_seeds
+    from retinocli.reporting.runs import load_run
+
+    with pytest.raises(RetinoError, match="--select-metric last watches none"):
+        TrainConfig(select_metric="last", patience=2)
+    seeds = train_seeds(cfg(tiny_data, tmp_path, head="ordinal", epochs=3, select_metric="last", name="last"), [0])
+    run = seeds.runs[0]
+    best, last = (load_checkpoint(p) for p in (RunDir(run.run_dir).best, RunDir(run.run_dir).last))
+    assert best["epoch"] == last["epoch"] == 3
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    assert best["grader"] == last["grader"]
+    assert load_run(run.run_dir).best_epoch == 3 and run.best_epoch == 3

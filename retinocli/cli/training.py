@@ -91,7 +91,8 @@ def train(
     workers: WorkersOpt = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better "
                                                          "--select-metric.")] = None,
-    select_metric: Annotated[str, typer.Option(help="What picks best.pt: qwk, accuracy, loss.")] = "qwk",
+    select_metric: Annotated[str, typer.Option(help="What picks best.pt: the best val qwk, accuracy or loss; "
+                                                    "last: the final epoch (nothing chosen on validation).")] = "qwk",
     head: Annotated[str, typer.Option(help="classification (softmax), regression (Huber on the grade) or "
                                            "ordinal (CORAL); the last two grade with cut points fitted "
                                            "on validation for QWK.")] = "classification",

@@ -26,7 +26,7 @@ from typing import Any
 from retinocli.config import NOT_RECIPE, TrainConfig
 from retinocli.errors import RetinoError
 from retinocli.events import EventsLike, emitter
-from retinocli.rundir import RunDir
+from retinocli.rundir import RunDir, best_index
 
 #: Settings whose automatic value (None, or "auto") config.json records as what it resolved to.
 RESOLVED = {"amp": None, "channels_last": None, "augment_on": "auto"}
@@ -73,20 +73,9 @@ def _differences(saved: dict[str, Any], wanted: TrainConfig) -> list[str]:
             if k not in NOT_RECIPE and there.get(k) != v and not (k in RESOLVED and v == RESOLVED[k])]
 
 
-def _best_index(history, metric: str) -> int | None:
-    """The row of the epoch best.pt holds: the best finite ``val_<metric>``, the first on ties
-    (as the trainer keeps it); None when no value is finite."""
-    import numpy as np
-
-    values = history[f"val_{metric}"].to_numpy(dtype=float)
-    if not np.isfinite(values).any():
-        return None
-    return int(np.nanargmin(values) if metric == "loss" else np.nanargmax(values))
-
-
 def _stopped_early(history, cfg: TrainConfig) -> bool:
     """Whether ``--patience`` ended the run: no better ``val_<select_metric>`` in its last epochs."""
-    best = _best_index(history, cfg.select_metric) if cfg.patience and not history.empty else None
+    best = best_index(history, cfg.select_metric) if cfg.patience and not history.empty else None
     return best is not None and len(history) - (best + 1) >= cfg.patience
 
 
@@ -160,7 +149,7 @@ def _best_row(run_dir: Path, cfg: TrainConfig) -> tuple[int, int | None, dict[st
     history = RunDir(run_dir).read_history()
     if history.empty:
         return 0, None, {}
-    row = history.iloc[_best_index(history, cfg.select_metric) or 0]
+    row = history.iloc[best_index(history, cfg.select_metric) or 0]
     best = {k: float(row[k]) for k in VAL_COLUMNS if k in row and math.isfinite(float(row[k]))}
     return len(history), int(row["epoch"]), best
 

@@ -192,7 +192,7 @@ def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None =
 
 
 def _better(metric: str, new: dict, best: dict | None) -> bool:
-    if best is None:
+    if best is None or metric == "last":
         return True
     a, b = new[metric], best[metric]
     if not math.isfinite(a):
@@ -408,7 +408,7 @@ class _Loop:
         say.finished(task, rate=row["images_per_second"], postfix=(
             f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
             f"{val['loss']:.3f} acc {val['accuracy']:.1%} qwk {val['qwk']:.3f} bal acc "
-            f"{val['balanced_accuracy']:.1%}{' | best so far' if improved else ''}"))
+            f"{val['balanced_accuracy']:.1%}{' | best so far' if improved and cfg.select_metric != 'last' else ''}"))
         return row
 
     def _train_and_validate(self, show) -> tuple[dict, np.ndarray, np.ndarray]:

@@ -127,8 +127,8 @@ def markdown(runs: list[RunSummary], figures: dict[str, Path], *, title: str,
         if len(runs) > 1:
             lines += ["", "The runs were trained with the same settings (config.json)."]
     metrics_used = sorted({METRIC_NAMES[r.select_metric] for r in runs})
-    lines += ["", f"Best epoch: the epoch with the best {' / '.join(metrics_used)} (each run's `select_metric`, "
-              "the one best.pt keeps); val accuracy and val QWK are that epoch's. "
+    lines += ["", f"Best epoch: the epoch best.pt keeps, chosen by {' / '.join(metrics_used)} (each run's "
+              "`select_metric`: the best value, or the last epoch); val accuracy and val QWK are that epoch's. "
               "s / epoch is the mean training time of an epoch.", ""]
 
     lines += ["## Evaluation", ""]

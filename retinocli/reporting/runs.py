@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from retinocli import NUM_GRADES
 from retinocli.errors import RetinoError
-from retinocli.rundir import RunDir
+from retinocli.rundir import RunDir, best_index
 
 if TYPE_CHECKING:
     import pandas as pd
 
-METRIC_NAMES = {"qwk": "val QWK", "accuracy": "val accuracy", "loss": "val loss"}
+METRIC_NAMES = {"qwk": "val QWK", "accuracy": "val accuracy", "loss": "val loss", "last": "last epoch"}
 
 @dataclass
 class RunSummary:
@@ -57,17 +57,9 @@ class RunSummary:
 
     @property
     def best_epoch(self) -> int:
-        """The epoch best.pt holds, chosen as the training loop does: the best finite
-        ``val_<select_metric>`` (the first on ties), or the first epoch when none is finite.
-        """
-        import numpy as np
-
-        values = self.history[f"val_{self.select_metric}"].to_numpy(dtype=float)
-        if not np.isfinite(values).any():
-            i = 0
-        else:
-            i = np.nanargmin(values) if self.select_metric == "loss" else np.nanargmax(values)
-        return int(self.history["epoch"].iloc[int(i)])
+        """The epoch best.pt holds, chosen as the training loop does (:func:`retinocli.rundir.best_index`),
+        or the first epoch when no value is finite."""
+        return int(self.history["epoch"].iloc[best_index(self.history, self.select_metric) or 0])
 
     def best_row(self) -> dict:
         return self.history[self.history["epoch"] == self.best_epoch].iloc[0].to_dict()
