@@ -356,3 +356,17 @@ def test_select_last_keeps_the_final_epoch_and_refuses_patience(tiny_data, tmp_p
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
     assert best["grader"] == last["grader"]
     assert load_run(run.run_dir).best_epoch == 3 and run.best_epoch == 3
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_train_configs(recipe):
+    import dataclasses
+
+    from retinocli.config import read_config_file
+
+    values = read_config_file(recipe, {f.name for f in dataclasses.fields(TrainConfig)})
+    made = TrainConfig(**values)
+    assert made.head == "ordinal" and made.name == recipe.stem
+    if recipe.stem == "retinamnist":
+        assert (made.img_size, made.epochs, made.select_metric, made.ema) == (28, 12, "last", 0.98)
