@@ -106,13 +106,13 @@ def one_run(cfg: TrainConfig, splits: dict[str, tuple[list[Path], np.ndarray]]) 
 def pick(rule: str, rows: list[dict]) -> int:
     """Index of the epoch ``rule`` keeps (ties: the earliest, as training's strict ``>``)."""
     qwk = np.array([r["val_qwk_history"] for r in rows])
-    if rule.startswith("best val QWK (shipped)"):
+    if rule == RULES[0]:
         return int(np.argmax(qwk))
     if rule == "last epoch":
         return len(rows) - 1
     if rule == "least val loss":
         return int(np.argmin([r["val_loss_history"] for r in rows]))
-    if rule.startswith("best val QWK, 3-epoch"):
+    if rule == RULES[3]:
         padded = np.concatenate([qwk[:1], qwk, qwk[-1:]])
         return int(np.argmax((padded[:-2] + padded[1:-1] + padded[2:]) / 3))
     return int(np.argmax([r["holdout"]["qwk"] for r in rows]))
