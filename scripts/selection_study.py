@@ -35,7 +35,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, log_loss, roc_auc
 
 from retinocli.config import TrainConfig, read_config_file
 from retinocli.engine import parts as parts_module
-from retinocli.engine.checkpoints import MODEL_KEYS, load_checkpoint, save_checkpoint
+from retinocli.engine.checkpoints import MODEL_KEYS, load_checkpoint, save_checkpoint, served_weights
 from retinocli.engine.trainer import train
 from retinocli.reporting.evaluate import open_model, score_paths
 from retinocli.rundir import RunDir
@@ -79,10 +79,7 @@ def measures(probs: np.ndarray, y: np.ndarray, grades: np.ndarray) -> dict[str, 
 def served_checkpoint(run_dir: Path, dest: Path) -> None:
     """last.pt as best.pt would hold it: the EMA's weights when there is one."""
     state = load_checkpoint(RunDir(run_dir).last)
-    model = state["model"]
-    if state.get("ema") is not None:
-        model = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    save_checkpoint({**{k: state[k] for k in MODEL_KEYS if k in state}, "model": model}, dest)
+    save_checkpoint({**{k: state[k] for k in MODEL_KEYS if k in state}, "model": served_weights(state)}, dest)
 
 
 def one_run(cfg: TrainConfig, splits: dict[str, tuple[list[Path], np.ndarray]]) -> list[dict]:

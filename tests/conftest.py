@@ -21,6 +21,12 @@ def pytest_configure(config) -> None:
     import tempfile
 
     os.environ["COLUMNS"] = "60"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one intra-op thread per worker, read when torch (or OpenCV, or a child process)
+        # starts: two workers with two OpenMP threads each on two cores spin against each
+        # other, and the suite took longer than in one process
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
     if config.option.basetemp is None:
         stem = Path(tempfile.gettempdir()) / f"retino-tests-{os.getpid()}-"
         config.option.basetemp = str(stem) + "deep" * max(1, (LONG_PATH - len(str(stem))) // 4)

@@ -14,7 +14,7 @@ from sklearn.metrics import cohen_kappa_score
 from torch import nn
 from typer.testing import CliRunner
 
-from retinocli.engine.checkpoints import load_checkpoint
+from retinocli.engine.checkpoints import load_checkpoint, load_trained
 from retinocli.cli import app
 from retinocli.config import TrainConfig
 from retinocli.models.cutpoints import fit_cutpoints, fit_scale, frequency_cutpoints, qwk
@@ -225,7 +225,7 @@ def test_each_head_trains_and_evaluate_and_predict_agree(head, tiny_data, tmp_pa
 
 
 def test_resume_with_ema_gives_the_same_weights(tiny_data, tmp_path):
-    settings = dict(deterministic=True, epochs=2, seed=7, ema=0.8, head="ordinal", mixup=0.2)
+    settings = dict(deterministic=True, epochs=2, seed=7, ema=0.8, head="ordinal", mixup=0.2, select_metric="last")
     full = train(cfg(tiny_data, tmp_path, name="full", **settings))
 
     def interrupt(epoch, row):
@@ -238,11 +238,15 @@ def test_resume_with_ema_gives_the_same_weights(tiny_data, tmp_path):
     a, b = (load_checkpoint(RunDir(r.run_dir).last) for r in (full, cut_run))
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    # best.pt serves the averaged weights, not the raw ones
+    # best.pt (the last epoch here) serves the averaged weights, not the raw ones, and so does
+    # last.pt when loaded to serve: its grader was fitted on the averaged model's outputs
     best = load_checkpoint(RunDir(full.run_dir).best)
-    if best["epoch"] == 2:
-        ema_weights = {k.removeprefix("module."): v for k, v in a["ema"].items() if k.startswith("module.")}
-        assert all(torch.equal(best["model"][k], ema_weights[k]) for k in best["model"])
+    assert best["epoch"] == 2 and best["grader"] == a["grader"]
+    ema_weights = {k.removeprefix("module."): v for k, v in a["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(best["model"][k], ema_weights[k]) for k in best["model"])
+    assert not all(torch.equal(a["model"][k], ema_weights[k]) for k in a["model"])
+    served_last, _ = load_trained(RunDir(full.run_dir).last)
+    assert all(torch.equal(v, ema_weights[k]) for k, v in served_last.state_dict().items())
 
 
 def test_config_file_is_overridden_by_the_command_line(tiny_data, tmp_path):

@@ -107,8 +107,21 @@ def load_resume_state(path: Path) -> dict:
     return state
 
 
+def served_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint serves: with --ema, last.pt's averaged ones, else ``model``.
+
+    last.pt keeps the raw weights under ``model`` for resuming, but its grader (cut points,
+    temperature, referral point) and metrics were fitted on the averaged model's outputs,
+    as best.pt's were: serving the raw weights would pair them with a grader fitted elsewhere.
+    """
+    ema = state.get("ema")
+    if not isinstance(ema, dict):
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+
+
 def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the model a checkpoint was trained as and load its weights, in eval mode.
+    """Rebuild the model a checkpoint was trained as and load its served weights, in eval mode.
 
     Returns:
         ``(model, state)``; ``state`` is the checkpoint dict (config, preprocess, metrics...).
@@ -129,7 +142,7 @@ def load_trained(path: str | Path, map_location: str | torch.device = "cpu"):
     try:
         model = random_model(str(arch), num_classes=len(names) or 5, small_stem=bool(state.get("small_stem")),
                             head=cfg.get("head", "classification"), pool=cfg.get("pool", "avg"))
-        model.load_state_dict(state["model"])
+        model.load_state_dict(served_weights(state))
     except RetinoError:
         raise
     except Exception as exc:  # a state dict of another arch or head size
