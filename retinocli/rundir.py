@@ -36,20 +36,36 @@ HISTORY_FIELDS = ("epoch", "seconds", "lr", "train_loss", "train_accuracy", "val
 SPLIT_COLUMNS = ("image", "path", "grade", "split", "patient", "eye")
 
 
-def best_index(history: pd.DataFrame, metric: str) -> int | None:
-    """The row of history.csv whose epoch best.pt holds, as training keeps it: the best finite
-    ``val_<metric>`` (least for ``loss``), the first on ties; with ``last``, the last row. None
-    when no value is finite (or no row)."""
-    import numpy as np
+def improves(metric: str, value: float, kept: float | None) -> bool:
+    """Whether an epoch scoring ``value`` replaces the kept epoch (scoring ``kept``; None when
+    none is kept yet) as best.pt: the one selection rule, for training and for every reader.
 
+    A higher ``val_<metric>`` wins, a lower one for ``loss``; ties keep the earlier epoch; a
+    non-finite value never replaces a finite one; with ``last`` every epoch replaces the one before.
+    """
+    import math
+
+    if kept is None or metric == "last":
+        return True
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(kept):
+        return True
+    return value < kept if metric == "loss" else value > kept
+
+
+def best_index(history: pd.DataFrame, metric: str) -> int | None:
+    """The row of history.csv whose epoch best.pt holds, replayed with :func:`improves`. None
+    when there is no row, or when no value of ``val_<metric>`` is finite."""
     if history.empty:
         return None
     if metric == "last":
         return len(history) - 1
-    values = history[f"val_{metric}"].to_numpy(dtype=float)
-    if not np.isfinite(values).any():
-        return None
-    return int(np.nanargmin(values) if metric == "loss" else np.nanargmax(values))
+    index, kept = None, None
+    for row, value in enumerate(history[f"val_{metric}"].astype(float)):
+        if improves(metric, value, kept):
+            index, kept = row, value
+    return index if kept == kept else None  # NaN: no epoch had a finite value
 
 
 def newest(root: str | Path, pattern: str, missing: str) -> Path:

@@ -336,7 +336,7 @@ def test_ordinal_training_starts_from_the_prior_its_loss_sees(sampler, weights, 
 def test_best_index_is_the_rule_training_keeps():
     import pandas as pd
 
-    from retinocli.rundir import best_index
+    from retinocli.rundir import best_index, improves
 
     h = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_qwk": [0.5, 0.7, 0.7, 0.6], "val_loss": [1.2, 1.0, 1.1, float("nan")],
                       "val_accuracy": [float("nan")] * 4})
@@ -345,6 +345,10 @@ def test_best_index_is_the_rule_training_keeps():
     assert best_index(h, "last") == 3
     assert best_index(h, "accuracy") is None
     assert best_index(h.iloc[:0], "last") is None
+    nan = float("nan")
+    assert best_index(pd.DataFrame({"val_qwk": [nan, 0.3, nan]}), "qwk") == 1  # a finite value replaces NaN
+    assert [improves("qwk", 0.7, 0.7), improves("loss", 0.9, 1.0), improves("loss", nan, 1.0),
+            improves("qwk", nan, None), improves("last", 0.1, 0.9)] == [False, True, False, True, True]
 
 
 def test_select_last_keeps_the_final_epoch_and_refuses_patience(tiny_data, tmp_path):

@@ -36,7 +36,7 @@ from retinocli.models.grading import Grader
 from retinocli.models.heads import rough_grades
 from retinocli.models.registry import freeze_backbone, set_train_mode
 from retinocli.reporting import metrics
-from retinocli.rundir import RunDir
+from retinocli.rundir import RunDir, improves
 
 LOG_EVERY = 10  # steps between progress updates: the only host-device syncs in an epoch
 
@@ -189,17 +189,6 @@ def validation_metrics(y: np.ndarray, probs: np.ndarray, grader: Grader | None =
     return {"loss": loss, "accuracy": float(metrics.accuracy(y, pred)),
             "qwk": float(metrics.quadratic_weighted_kappa(y, pred)),
             "balanced_accuracy": float(metrics.balanced_accuracy(y, pred))}
-
-
-def _better(metric: str, new: dict, best: dict | None) -> bool:
-    if best is None or metric == "last":
-        return True
-    a, b = new[metric], best[metric]
-    if not math.isfinite(a):
-        return False
-    if not math.isfinite(b):
-        return True
-    return a < b if metric == "loss" else a > b
 
 
 # ---------------------------------------------------------------------------- main
@@ -396,7 +385,9 @@ class _Loop:
                "val_qwk": val["qwk"], "val_balanced_accuracy": val["balanced_accuracy"],
                "images_per_second": round(tr["images"] * place.world / max(tr["seconds"], 1e-9), 1)}
         self.history.append(row)
-        improved = _better(cfg.select_metric, val, self.best)
+        metric = cfg.select_metric
+        kept = None if self.best is None else self.best.get(metric, math.nan)
+        improved = improves(metric, val.get(metric, math.nan), kept)
         if improved:
             self.best, self.best_epoch = val, epoch + 1
         if place.is_main:
@@ -408,7 +399,7 @@ class _Loop:
         say.finished(task, rate=row["images_per_second"], postfix=(
             f"loss {tr['loss']:.3f} acc {tr['accuracy']:.1%} | lr {row['lr']:.2e} | val loss "
             f"{val['loss']:.3f} acc {val['accuracy']:.1%} qwk {val['qwk']:.3f} bal acc "
-            f"{val['balanced_accuracy']:.1%}{' | best so far' if improved and cfg.select_metric != 'last' else ''}"))
+            f"{val['balanced_accuracy']:.1%}{' | best so far' if improved and metric != 'last' else ''}"))
         return row
 
     def _train_and_validate(self, show) -> tuple[dict, np.ndarray, np.ndarray]:
