@@ -406,7 +406,12 @@ class ResultsConfig:
 
     out: str | Path = "RESULTS.md"  # the Markdown file to write
     title: str = "Results"  # its heading
-    force: bool = False  # replace the file if it exists
+    force: bool = False  # replace the file (with ``section``: that section) if it exists
+    section: str | None = None  # write the tables as this section of ``out``, keeping the rest
+
+    def __post_init__(self) -> None:
+        if self.section is not None and (not self.section.strip() or "\n" in self.section or "-->" in self.section):
+            raise RetinoError(f"--section must be one line of text without '-->'; got {self.section!r}")
 
 
 @dataclass

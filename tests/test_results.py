@@ -152,3 +152,52 @@ def test_results_refuses_what_it_cannot_use(recipe_runs, tmp_path):
     result = runner.invoke(app, ["results", str(bare), "--out", str(tmp_path / "x.md")])
     assert result.exit_code == 2 and "validation numbers only" in result.output
     assert not (tmp_path / "x.md").exists()
+
+
+def test_results_section_keeps_the_notebook_around_it(recipe_runs, tmp_path):
+    runs = [str(recipe_runs[f"retinamnist-s{s}"]) for s in (0, 1)]
+    out = tmp_path / "NOTES.md"
+    mine = "# My notebook\n\nWritten by hand: why seed 1 looks odd.\n"
+    out.write_text(mine)
+    args = ["results", *runs, "--out", str(out), "--section", "RetinaMNIST, two seeds"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    text = out.read_text()
+    assert text.startswith(mine + "\n<!-- retino results: RetinaMNIST, two seeds -->\n## RetinaMNIST, two seeds\n")
+    assert text.endswith("<!-- end of retino results: RetinaMNIST, two seeds -->\n")
+    assert "\n### Summary\n" in text and "\n### Runs\n" in text and "\n# Results" not in text
+    for row in record["runs"]:  # --json carries the numbers the table shows
+        report = json.loads((Path(row["run"]) / "metrics.json").read_text())
+        assert row["metrics"]["QWK"] == pytest.approx(report["metrics"]["qwk"], abs=1e-12)
+    assert sorted(r["seed"] for r in record["runs"]) == [0, 1] and record["out"] == str(out)
+    assert [r["QWK"] for r in _table(text, "Summary")] == [r["QWK"] for r in _table(_whole(runs, tmp_path), "Summary")]
+
+    (out.open("a")).write("\nMore by hand, after the section.\n")
+    before = out.read_text()
+    result = runner.invoke(app, args)  # the section exists: only --force replaces it
+    assert result.exit_code == 2 and "--force" in result.output and out.read_text() == before
+    result = runner.invoke(app, ["results", runs[0], "--out", str(out), "--section", "seed 0 alone"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["results", runs[1], "--out", str(out), "--section", "RetinaMNIST, two seeds",
+                                 "--force"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith(mine) and "More by hand, after the section.\n" in text
+    assert text.count("<!-- retino results: ") == 2 and text.count("## RetinaMNIST, two seeds\n") == 1
+    replaced = text.split("<!-- retino results: RetinaMNIST, two seeds -->", 1)[1].split("<!-- end of", 1)[0]
+    assert [r["seeds"] for r in _table(replaced, "Summary")] == ["1"]
+    assert text.index("More by hand") < text.index("seed 0 alone")  # the other section stays where it was
+
+    out.write_text(text.replace("<!-- end of retino results: seed 0 alone -->\n", ""))
+    result = runner.invoke(app, ["results", runs[0], "--out", str(out), "--section", "seed 0 alone", "--force"])
+    assert result.exit_code == 2 and "lacks its end line" in result.output
+    result = runner.invoke(app, ["results", runs[0], "--out", str(out), "--section", "a --> b"])
+    assert result.exit_code == 2 and "--section must be one line" in result.output
+
+
+def _whole(runs: list[str], tmp_path: Path) -> str:
+    out = tmp_path / "whole.md"
+    result = runner.invoke(app, ["results", *runs, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out.read_text()

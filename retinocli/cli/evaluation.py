@@ -118,16 +118,29 @@ def results(
     runs: Annotated[list[Path], typer.Argument(help="Run folders, each evaluated with --split val.")],
     out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("RESULTS.md"),
     title: Annotated[str, typer.Option(help="Its heading.")] = "Results",
-    force: Annotated[bool, typer.Option("--force", help="Replace the file if it exists.")] = False,
+    section: Annotated[Optional[str], typer.Option(
+        help="Write the tables as this section of --out (a lab notebook), keeping everything else in it: "
+             "added at the end, or put in place of the section of that name with --force.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file (with --section: that section) "
+                                                        "if it exists.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print each run's row as JSON.")] = False,
 ) -> None:
     """RESULTS.md from runs: per-seed and mean ± sd validation numbers per recipe and head, with each
     group's command, training time and machine."""
+    from dataclasses import asdict
+
     from retinocli.config import ResultsConfig, from_options
     from retinocli.reporting.results import write_results
+    from retinocli.reporting.study import jsonable
 
     with user_errors():
         path, rows = write_results(runs, from_options(ResultsConfig, ctx.params))
-    common.console.print(f"Wrote {path}: {len(rows)} run(s)", soft_wrap=True, markup=False, highlight=False)
+    if json_out:
+        record = {"out": str(path), "section": section, "runs": [asdict(r) for r in rows]}
+        sys.stdout.write(json.dumps(jsonable(record), indent=2) + "\n")
+        return
+    where = f" (section {section!r})" if section else ""
+    common.console.print(f"Wrote {path}{where}: {len(rows)} run(s)", soft_wrap=True, markup=False, highlight=False)
 
 
 # ------------------------------------------------------------------ explain (issue #18)

@@ -141,20 +141,22 @@ def _headers(results: Sequence[RunResult]) -> list[str]:
     return names
 
 
-def render_results(results: Sequence[RunResult], *, title: str = "Results") -> str:
-    """RESULTS.md's text: a summary per group (mean ± sd over seeds), each run, each command."""
+def render_results(results: Sequence[RunResult], *, title: str = "Results", level: int = 1) -> str:
+    """RESULTS.md's text: a summary per group (mean ± sd over seeds), each run, each command;
+    ``title`` is a heading of ``level`` (1: ``#``), the parts are one level below it."""
     from retinocli.reporting.clinical import summarise_seeds
     from retinocli.reporting.study import mean_sd
 
     metrics = _headers(results)
     groups = group_runs(results)
-    lines = [f"# {title}", "",
+    top, sub = "#" * level, "#" * (level + 1)
+    lines = [f"{top} {title}", "",
              "Validation-split numbers only (`retino evaluate RUN --split val`): the split that also chose each "
              "run's best epoch and, for the ordinal and regression heads, its cut points, so they are optimistic "
              "about unseen data. Written by `retino results` from the run folders; sd is the sample sd over seeds. "
              "The last-epoch QWK (history.csv) is the one number no epoch choice flatters. "
              "Training time is the sum of history.csv's epoch times (training passes, validation excluded).", "",
-             "## Summary", ""]
+             f"{sub} Summary", ""]
     rows = []
     for i, g in enumerate(groups, 1):
         summary = summarise_seeds([{**r.metrics, "seconds": r.train_seconds} for r in g])
@@ -164,14 +166,14 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results") -> s
                      _minutes(summary["seconds"]["mean"]), first.machine])
     lines += markdown_table(["group", "dataset", "recipe", "head", "seeds", *metrics, "train time / run",
                              "machine"], rows)
-    lines += ["", "## Runs", ""]
+    lines += ["", f"{sub} Runs", ""]
     rows = [[str(i), Path(r.run).name, str(r.seed), str(r.epochs),
              MISSING if r.best_epoch is None else str(r.best_epoch),
              *(num(r.metrics.get(h, math.nan)) for h in metrics), num(r.last_qwk), _minutes(r.train_seconds)]
             for i, g in enumerate(groups, 1) for r in g]
     lines += markdown_table(["group", "run", "seed", "epochs", "best epoch", *metrics, "last-epoch QWK",
                              "train time"], rows)
-    lines += ["", "## Commands", "",
+    lines += ["", f"{sub} Commands", "",
               "Each run's `retino train` command as config.json recorded it, a recipe file's values spelled "
               "out as options; a group's runs differ only in `--seed`, `--name` and where they ran "
               "(`--project`, `--workers`).", ""]
@@ -193,8 +195,42 @@ def write_results(runs: Sequence[str | Path], config: ResultsConfig | None = Non
     if not runs:
         raise RetinoError("give at least one run folder")
     out = Path(cfg.out)
-    if out.exists() and not cfg.force:
-        raise RetinoError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not cfg.force and cfg.section is None:
+        raise RetinoError(f"{out} already exists; pass --force to replace it, or --section to add to it")
+    if out.is_dir():
+        raise RetinoError(f"{out} is a folder; --out names the Markdown file to write")
+    existing = out.read_text(encoding="utf-8") if cfg.section is not None and out.exists() else ""
     results = [results_row(r) for r in runs]
-    atomic_write(out, render_results(results, title=cfg.title))
+    if cfg.section is None:
+        text = render_results(results, title=cfg.title)
+    else:
+        text = place_section(existing, cfg.section, render_results(results, title=cfg.section, level=2),
+                             force=cfg.force, where=out)
+    atomic_write(out, text)
     return out, results
+
+
+def section_markers(title: str) -> tuple[str, str]:
+    """The HTML comments (invisible in rendered Markdown) around a section ``retino results`` owns."""
+    return f"<!-- retino results: {title} -->", f"<!-- end of retino results: {title} -->"
+
+
+def place_section(existing: str, title: str, body: str, *, force: bool, where: Path | str) -> str:
+    """``existing`` with ``body`` as its section ``title``: appended when there is none, put in
+    place of the old one (only with ``force``); every other line is kept as it was.
+
+    Raises:
+        RetinoError: the section exists and ``force`` is off, or its end marker is missing.
+    """
+    begin, end = section_markers(title)
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    if begin not in existing:
+        return f"{existing.rstrip()}\n\n{block}" if existing.strip() else block
+    if not force:
+        raise RetinoError(f"{where} already has the section {title!r}; pass --force to replace it")
+    before, rest = existing.split(begin, 1)
+    if end not in rest:
+        raise RetinoError(f"{where}: the section {title!r} lacks its end line {end!r}; "
+                          f"put it back where the section ends, or remove the section by hand")
+    after = rest.split(end, 1)[1].lstrip("\n")
+    return before + block + (f"\n{after}" if after else "")
