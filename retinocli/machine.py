@@ -33,3 +33,32 @@ def loader_workers(device_type: str) -> int:
     if device_type == "cuda":
         return min(MAX_DECODE_THREADS, cores())
     return min(MAX_CPU_LOADER_WORKERS, max(0, cores() - 1))
+
+
+def source_revision(package_dir: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the retino code that runs (``+dirty`` when the package's files differ
+    from it), so a run records which code trained it, not only the version number.
+
+    None when the package is not the ``retinocli`` folder at the top of a git checkout (an
+    installed wheel, even inside a user's own repository), or when git is missing.
+    """
+    import subprocess
+    from pathlib import Path
+
+    here = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != here.resolve().parent:
+        return None
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return commit + ("+dirty" if changed else "")

@@ -121,6 +121,8 @@ def test_results_table_holds_the_runs_numbers(recipe_runs, tmp_path):
         history = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
         assert row["train time"] == f"{sum(float(h[1]) for h in history) / 60:.1f} min"
         assert float(row["last-epoch QWK"]) == pytest.approx(float(history[-1][7]), abs=5e-4)
+        commit = json.loads((run / "config.json").read_text())["versions"]["retino_commit"]
+        assert row["code"] == ("–" if commit is None else commit[:7] + ("+dirty" if commit.endswith("+dirty") else ""))
     summary = _table(text, "Summary")
     assert len(summary) == 2  # retinamnist seeds 0 and 1 form one group; eyepacs-256 the other
     two = next(r for r in summary if r["recipe"] == "retinamnist.toml")

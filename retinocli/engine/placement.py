@@ -79,19 +79,21 @@ class Placement:
 
 
 def versions(device: torch.device) -> dict:
-    """What a run records about where it ran: retino, torch, torchvision, Python, the device (and GPU)."""
+    """What a run records about where it ran: retino (and its git commit), torch, torchvision, Python,
+    the device (and GPU)."""
     import platform
 
     import torchvision
 
     from retinocli import __version__
+    from retinocli.machine import source_revision
 
     # str(): torch.__version__ is a TorchVersion, which the weights_only unpickler refuses
     out = {"retino": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
            "python": platform.python_version(), "device": str(device),
            # the machine the wall times in history.csv were measured on (RESULTS.md quotes it)
            "machine": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "retino_commit": source_revision()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["cuda"] = str(torch.version.cuda)

@@ -46,6 +46,7 @@ class RunResult:
     machine: str
     last_qwk: float  # history's validation QWK of the last epoch: no epoch chosen on validation
     metrics: dict[str, float] = field(default_factory=dict)
+    code: str | None = None  # the git commit of the retino code that trained it (config.json's versions)
 
 
 def _dig(d: Any, path: Sequence[str]) -> float:
@@ -110,7 +111,8 @@ def results_row(path: str | Path) -> RunResult:
                      best_epoch=int(best) if isinstance(best, int) else None,
                      train_seconds=float(history["seconds"].sum()) if len(history) else 0.0,
                      machine=machine_of(config.get("versions", {})),
-                     last_qwk=float(history["val_qwk"].iloc[-1]) if len(history) else math.nan, metrics=values)
+                     last_qwk=float(history["val_qwk"].iloc[-1]) if len(history) else math.nan, metrics=values,
+                     code=config.get("versions", {}).get("retino_commit"))
 
 
 def group_runs(results: Sequence[RunResult]) -> list[list[RunResult]]:
@@ -123,6 +125,15 @@ def group_runs(results: Sequence[RunResult]) -> list[list[RunResult]]:
     for r in results:
         groups.setdefault(r.group, []).append(r)
     return [sorted(g, key=lambda r: (r.seed, r.run)) for g in groups.values()]
+
+
+def short_commit(commit: str | None) -> str:
+    """A recorded commit as ``git log --oneline`` shows it (``+dirty`` kept); MISSING for runs of
+    an installed retino or from before commits were recorded."""
+    if not commit:
+        return MISSING
+    sha, dirty, _ = commit.partition("+dirty")
+    return sha[:7] + ("+dirty" if dirty else "")
 
 
 def _minutes(seconds: float) -> str:
@@ -155,7 +166,8 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results", leve
              "run's best epoch and, for the ordinal and regression heads, its cut points, so they are optimistic "
              "about unseen data. Written by `retino results` from the run folders; sd is the sample sd over seeds. "
              "The last-epoch QWK (history.csv) is the one number no epoch choice flatters. "
-             "Training time is the sum of history.csv's epoch times (training passes, validation excluded).", "",
+             "Training time is the sum of history.csv's epoch times (training passes, validation excluded). "
+             "Code is the git commit of retino that trained the run (+dirty: with uncommitted changes).", "",
              f"{sub} Summary", ""]
     rows = []
     for i, g in enumerate(groups, 1):
@@ -169,10 +181,11 @@ def render_results(results: Sequence[RunResult], *, title: str = "Results", leve
     lines += ["", f"{sub} Runs", ""]
     rows = [[str(i), Path(r.run).name, str(r.seed), str(r.epochs),
              MISSING if r.best_epoch is None else str(r.best_epoch),
-             *(num(r.metrics.get(h, math.nan)) for h in metrics), num(r.last_qwk), _minutes(r.train_seconds)]
+             *(num(r.metrics.get(h, math.nan)) for h in metrics), num(r.last_qwk), _minutes(r.train_seconds),
+             short_commit(r.code)]
             for i, g in enumerate(groups, 1) for r in g]
     lines += markdown_table(["group", "run", "seed", "epochs", "best epoch", *metrics, "last-epoch QWK",
-                             "train time"], rows)
+                             "train time", "code"], rows)
     lines += ["", f"{sub} Commands", "",
               "Each run's `retino train` command as config.json recorded it, a recipe file's values spelled "
               "out as options; a group's runs differ only in `--seed`, `--name` and where they ran "
