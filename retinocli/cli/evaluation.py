@@ -117,7 +117,7 @@ def results(
     ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(help="Run folders, each evaluated with --split val.")],
     out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("RESULTS.md"),
-    title: Annotated[str, typer.Option(help="Its heading.")] = "Results",
+    title: Annotated[str, typer.Option(help="Its heading (with --section, the section's name is).")] = "Results",
     section: Annotated[Optional[str], typer.Option(
         help="Write the tables as this section of --out (a lab notebook), keeping everything else in it: "
              "added at the end, or put in place of the section of that name with --force.")] = None,
